@@ -1,0 +1,49 @@
+# minilora — common commands. `make test` is what CI runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
+LESSONS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: install test unit nbval lessons lab data bench clean
+
+# The venv is (re)built when missing or when the dependency lists change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Unit tests, reference tests (peft / transformers / bitsandbytes) and strict nbval on every lesson.
+test: unit nbval
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+nbval: $(STAMP)
+	$(PY) -m pytest -q -p no:randomly $(NBVAL) notebooks/
+
+# Execute every lesson in place, top to bottom, in a fresh kernel (commit the result).
+lessons: $(STAMP)
+	for nb in $(LESSONS); do \
+		echo "== $$nb"; \
+		$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+# Regenerate data/: tasks and corpus, tokenizer, then the pretrained base checkpoints.
+data: $(STAMP)
+	$(PY) -m minilora.tasks
+	$(PY) -m minilora.tokenizer
+	$(PY) -m minilora.pretrain --quiet
+
+bench: $(STAMP)
+	$(PY) bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

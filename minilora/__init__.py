@@ -1,0 +1,1 @@
+"""minilora: parameter-efficient fine-tuning from scratch in plain PyTorch."""
