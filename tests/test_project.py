@@ -51,7 +51,7 @@ def test_torch_is_pinned_in_constraints():
 
 
 def _tracked_folders():
-    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".ci"}
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", ".ci", ".hypothesis"}
     for path in sorted(ROOT.rglob("*")):
         rel = path.relative_to(ROOT)
         if path.is_dir() and not any(part in skip or part.endswith(".egg-info") for part in rel.parts):

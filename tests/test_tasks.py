@@ -1,0 +1,193 @@
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+from minilora import tasks
+from minilora.tasks import (BESTIARY, DECODER_TASKS, SEQ2SEQ_TASKS, SPLITS, TASKS, data_dir,
+                            format_prompt, full_text, generate_splits, load_task, number_to_words)
+
+DATA = data_dir()
+
+
+def read_split(name, split):
+    with open(DATA / "tasks" / name / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_task_registry_has_the_seven_families():
+    assert list(TASKS) == ["arithmetic", "facts", "expressions", "reading", "num2words", "dates", "translate"]
+    assert sorted(DECODER_TASKS + SEQ2SEQ_TASKS) == sorted(TASKS)
+
+
+def test_regenerating_gives_byte_identical_files(tmp_path):
+    written = tasks.write_all(tmp_path)
+    for key, path in written.items():
+        committed = DATA / path.relative_to(tmp_path)
+        assert path.read_bytes() == committed.read_bytes(), f"{committed} differs from a fresh run"
+
+
+def test_command_line_regeneration_does_not_depend_on_python_hash_seed(tmp_path):
+    env = {**os.environ, "MINILORA_DATA": str(tmp_path), "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "minilora.tasks"], env=env, check=True, capture_output=True)
+    for name in ["facts", "translate"]:
+        for split in SPLITS:
+            rel = Path("tasks") / name / f"{split}.jsonl"
+            assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes()
+    rel = Path("corpus") / "pretrain.txt"
+    assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes()
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_generator_is_deterministic_from_seed(name):
+    draw = lambda seed: [TASKS[name](random.Random(seed)) for _ in range(20)]  # noqa: E731
+    assert draw(3) == draw(3)
+    assert [e["input"] for e in draw(3)] != [e["input"] for e in draw(4)]
+    example = draw(3)[0]
+    assert list(example) == ["instruction", "input", "output"]
+    assert all(isinstance(v, str) and v for v in example.values())
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_have_their_sizes_and_share_no_input(name):
+    inputs = {split: [e["input"] for e in read_split(name, split)] for split in SPLITS}
+    expected = {"train": 599 if name == "num2words" else 2000, "validation": 200, "test": 200}
+    assert {s: len(v) for s, v in inputs.items()} == expected
+    every = inputs["train"] + inputs["validation"] + inputs["test"]
+    assert len(set(every)) == len(every)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_prompt_ends_with_response_header_and_never_contains_the_output(name):
+    for example in read_split(name, "test"):
+        prompt = format_prompt(example)
+        assert prompt.endswith("### Response:\n")
+        assert prompt.startswith(TASKS[name].preamble)  # the template was inferred from the instruction
+        assert prompt == format_prompt(example, task=name)
+        assert format_prompt({**example, "output": "SENTINEL"}) == prompt
+        assert full_text(example) == prompt + example["output"]
+        assert prompt.count("### Instruction:") == 1 and prompt.count("### Input:") == 1
+
+
+def test_instructions_name_their_task_uniquely():
+    seen = [ins for t in TASKS.values() for ins in t.instructions]
+    assert len(seen) == len(set(seen))
+    generic = format_prompt({"instruction": "Do something else.", "input": "x", "output": "y"})
+    assert generic.startswith("### Instruction:\nDo something else.")
+
+
+def test_answers_are_correct():
+    for e in read_split("arithmetic", "test"):
+        assert 0 <= int(e["output"]) < 100
+        numbers = [int(n) for n in re.findall(r"\d+", e["input"])]
+        assert all(n < 100 for n in numbers)
+    for e in read_split("facts", "test"):
+        question, *options = e["input"].split("\n")
+        creature = re.search(r"the (\w+)", question).group(1)
+        chosen = options["ABCD".index(e["output"])][3:]
+        assert chosen in BESTIARY[creature].values() and len(set(options)) == 4
+    for e in read_split("expressions", "test"):
+        out = StringIO()
+        with redirect_stdout(out):
+            exec(e["input"].replace("; ", "\n"), {})
+        assert out.getvalue() == e["output"] + "\n"
+    for e in read_split("reading", "test"):
+        passage = e["input"].split("\nQuestion: ")[0]
+        assert e["output"] in passage
+    for e in read_split("num2words", "train"):
+        assert e["output"] == number_to_words(int(e["input"]))
+    assert [number_to_words(n) for n in (7, 13, 40, 42, 100, 305, 999)] == [
+        "seven", "thirteen", "forty", "forty-two", "one hundred", "three hundred five",
+        "nine hundred ninety-nine"]
+
+
+def test_dates_and_translation_examples():
+    assert tasks.format_date((2021, 3, 7), "dmy") == "7 March 2021"
+    assert tasks.format_date((2021, 3, 7), "iso") == "2021-03-07"
+    assert tasks.format_date((2021, 3, 7), "mdy") == "March 7, 2021"
+    assert tasks.format_date((2021, 3, 7), "slash") == "07/03/2021"
+    record = (("big", "cat"), "sees", (None, "dog"), False, "garden")
+    assert tasks.english_sentence(record) == "the big cat sees the dog in the garden"
+    assert tasks.toy_sentence(record) == "gardo pa miro gra tabu ko vani"
+    negated = ((None, "girl"), "hears", ("old", "fish"), True, None)
+    assert tasks.english_sentence(negated) == "the girl does not hear the old fish"
+    assert tasks.toy_sentence(negated) == "lina sena veta ko ne odi"
+
+
+def test_load_task_returns_a_dataset_with_the_three_columns():
+    ds = load_task("dates", "validation")
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert len(ds) == 200
+    assert ds[0] == read_split("dates", "validation")[0]
+
+
+def test_unknown_task_and_split_are_explained():
+    with pytest.raises(ValueError, match=r"Did you mean 'arithmetic'\?"):
+        load_task("arithmetc")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_task("facts", "dev")
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"instruction": "a", "input": "b"', "not valid JSON"),
+    ('{"instruction": "a", "input": "b"}', "missing key(s) 'output'"),
+    ('["a", "b", "c"]', "expected a JSON object"),
+    ('{"instruction": "a", "input": 3, "output": "c"}', "'input' must be a string"),
+    ("", "empty line"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, bad_line, message):
+    good = json.dumps({"instruction": "a", "input": "b", "output": "c"})
+    path = tmp_path / "tasks" / "facts" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        load_task("facts", "train", root=tmp_path)
+    assert f"{path}:3:" in str(info.value) and message in str(info.value)
+
+
+def test_data_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILORA_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="python -m minilora.tasks"):
+        load_task("facts")
+
+
+def corpus_lines():
+    lines = tasks.load_corpus()
+    assert lines == (DATA / "corpus" / "pretrain.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    return lines
+
+
+def test_corpus_is_plain_prose_one_document_per_line():
+    lines = corpus_lines()
+    assert 5000 < len(lines) and all(line.strip() == line and line for line in lines)
+    text = "\n".join(lines)
+    assert "###" not in text and "Instruction" not in text and "Response:" not in text
+    assert 1_000_000 < len(text.encode("utf-8")) < 3_000_000
+
+
+def test_corpus_states_every_fact_and_skips_held_out_records():
+    text = "\n".join(corpus_lines())
+    for creature, facts in BESTIARY.items():
+        assert f"The {creature} lives in the {facts['home']}." in text
+    programs = {e["input"] for s in ("validation", "test") for e in read_split("expressions", s)}
+    passages = {e["input"].split("\nQuestion: ")[0] for s in ("validation", "test")
+                for e in read_split("reading", s)}
+    sentences = {e["input"] for s in ("validation", "test") for e in read_split("translate", s)}
+    for line in corpus_lines():
+        assert not any(f"The program {p} prints" in line for p in programs)
+        assert line not in passages
+    assert not any(f"'{s}'" in text for s in sentences)
+
+
+def test_split_generation_fills_test_first_when_inputs_run_out():
+    splits = generate_splits("num2words", sizes={"train": 2000, "validation": 200, "test": 200})
+    assert len(splits["test"]) == 200 and len(splits["validation"]) == 200
+    assert len(splits["train"]) == 599
