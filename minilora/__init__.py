@@ -1,1 +1,38 @@
-"""minilora: parameter-efficient fine-tuning from scratch in plain PyTorch."""
+"""minilora: parameter-efficient fine-tuning from scratch in plain PyTorch.
+
+    import minilora as ml
+    base = ml.load_base("decoder-tiny")
+    ml.inject(base, ml.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+"""
+
+from minilora.inject import (
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_report,
+    unmerge,
+)
+from minilora.io import load_adapter, lora_state_dict, save_adapter
+from minilora.lora import LoraConfig, LoraLayer
+from minilora.models import PRESETS, DecoderLM, LMOutput, ModelConfig, Seq2SeqLM, get_config
+from minilora.pretrain import load_base
+from minilora.tasks import DECODER_TASKS, SEQ2SEQ_TASKS, TASKS, format_prompt, full_text, load_corpus, load_task
+from minilora.tokenizer import Tokenizer, load_tokenizer
+from minilora.train import TrainConfig, encode_examples, evaluate, exact_match, generate_answers, train
+
+__all__ = [
+    # models
+    "ModelConfig", "get_config", "PRESETS", "DecoderLM", "Seq2SeqLM", "LMOutput", "load_base",
+    # data
+    "TASKS", "DECODER_TASKS", "SEQ2SEQ_TASKS", "load_task", "load_corpus", "format_prompt", "full_text",
+    "Tokenizer", "load_tokenizer",
+    # LoRA
+    "LoraConfig", "LoraLayer", "inject", "trainable_report", "merge", "unmerge", "merge_and_unload", "set_adapter",
+    "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_adapter", "lora_state_dict",
+    # training
+    "TrainConfig", "train", "encode_examples", "evaluate", "exact_match", "generate_answers",
+]

@@ -1,0 +1,258 @@
+"""LoRA: low-rank adaptation of a frozen linear layer.
+
+A frozen weight W (d_out x d_in) gets a trainable low-rank update B A, with A (r x d_in) and B (d_out x r),
+r << min(d_in, d_out) (Hu et al. 2021, "LoRA", section 4.1):
+
+    h = W x + (alpha / r) * B A dropout(x)
+
+            x ──────────────┬─────────────────┐
+                            │                 │ dropout
+                      ┌─────┴─────┐      ┌────┴────┐
+                      │  W frozen │      │ A  r×in │  kaiming-uniform (or gaussian) init
+                      │  out × in │      └────┬────┘
+                      └─────┬─────┘      ┌────┴────┐
+                            │            │ B out×r │  zeros, so B A = 0 at init
+                            │            └────┬────┘
+                            └──── + ──────────┘ × alpha / r
+                                  h
+
+Because B starts at zero the wrapped model computes exactly what the base did (section 4.1), and after
+training the update can be merged, W' = W + (alpha / r) B A, so inference costs nothing extra (section 4.2).
+
+Variants:
+  - rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", section 3):
+    scaling alpha / sqrt(r) keeps the update's magnitude stable as r grows.
+  - PiSSA (Meng et al. 2024, "Principal Singular values and Singular vectors Adaptation", section 3):
+    W = U S V^T; the top-r singular triplets initialise A and B, and the frozen W keeps only the residual,
+    so training starts on the principal part of W instead of a zero update.
+
+Numerics follow peft's `lora.Linear` (same init, scaling, merge order), which the reference tests check.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+INITS = ("default", "gaussian", "pissa")
+BIASES = ("none", "lora_only", "all")
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one adapter. Field names follow the LoRA paper; peft's names map over in io.py."""
+
+    r: int = 8  # rank of B A
+    alpha: float = 8.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the input of A only
+    target_modules: list[str] | str | None = None  # names, `.name` suffixes, or one full-match regex string
+    exclude_modules: list[str] | str | None = None  # same matching rules; wins over target_modules
+    use_rslora: bool = False
+    init: str = "default"  # "default" (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r^2)), "pissa"
+    bias: str = "none"  # which base biases also train: "none", "lora_only" (targeted layers), "all"
+    lora_bias: bool = False  # give B its own bias
+    fan_in_fan_out: bool = False  # weight stored (in, out), like GPT-2's Conv1D; detected automatically
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1 (got {self.r!r}); try r=8.")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (got {self.alpha!r}); a common choice is alpha=2*r.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (got {self.dropout!r}); use 0.0 to disable it.")
+        tm = self.target_modules
+        if isinstance(tm, (set, tuple)):
+            tm = self.target_modules = sorted(tm) if isinstance(tm, set) else list(tm)
+        if not tm or not (isinstance(tm, str) or all(isinstance(t, str) and t for t in tm)):
+            raise ValueError("target_modules must be a non-empty list of module names (e.g. ['q_proj', 'v_proj']) "
+                             f"or one regex string; got {self.target_modules!r}.")
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS} (got {self.init!r}).")
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES} (got {self.bias!r}).")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `transformers.pytorch_utils.Conv1D`: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return tuple(module.weight.shape)  # (in, out)
+    raise TypeError(f"LoRA wraps nn.Linear and GPT-2 Conv1D, not {type(module).__name__}.")
+
+
+class LoraLayer(nn.Module):
+    """A frozen `base_layer` plus any number of named low-rank updates (lora_A[name], lora_B[name])."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r, self.scaling = {}, {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.batch_adapter_names: list[str] | None = None  # set per call by inject's hook for mixed batches
+
+    @property
+    def weight(self) -> torch.Tensor:  # the base's, so code reading `layer.weight` / `layer.bias` keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        r = config.r
+        w = self.base_layer.weight
+        # peft keeps half-precision bases but trains their adapters in fp32
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, device=w.device, dtype=dtype)
+        self.r[name], self.scaling[name] = r, config.scaling
+        if config.init == "pissa":
+            self.pissa_init(name)
+        else:
+            if config.init == "default":  # nn.Linear's own init, as in the LoRA reference code
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[name].weight)
+        if config.lora_bias:
+            nn.init.zeros_(self.lora_B[name].bias)
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever its storage order."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    @torch.no_grad()
+    def pissa_init(self, name: str) -> None:
+        """PiSSA (Meng et al. 2024, eq. 2-4): W = U S V^T, A = sqrt(S_r) V_r^T, B = U_r sqrt(S_r), W_res = W - B A."""
+        r, s = self.r[name], self.scaling[name]
+        W = self.base_weight_out_in().float()  # (out, in)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        S_r = S[:r] / s  # so that scaling * B A reproduces the top-r part exactly
+        A = torch.diag(S_r.sqrt()) @ Vh[:r]  # (r, in)
+        B = U[:, :r] @ torch.diag(S_r.sqrt())  # (out, r)
+        self.lora_A[name].weight.data = A.to(self.lora_A[name].weight.dtype)
+        self.lora_B[name].weight.data = B.to(self.lora_B[name].weight.dtype)
+        W_res = W - s * B @ A
+        self.base_layer.weight.data = (W_res.T if self.fan_in_fan_out else W_res).to(self.base_layer.weight.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Delta W = scaling * B A in fp32, shaped like the stored base weight."""
+        delta = self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merged_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + Delta W (and bias + scaling * b_B), added in fp32 then cast back to the base dtype."""
+        base = self.base_layer
+        weight = (base.weight.float() + self.delta_weight(name)).to(base.weight.dtype)
+        bias = None
+        if self.lora_B[name].bias is not None:
+            if base.bias is None:
+                raise RuntimeError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
+            bias = (base.bias.float() + self.scaling[name] * self.lora_B[name].bias.float()).to(base.bias.dtype)
+        return weight, bias
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weight. Already merged adapters are skipped, so merging twice is a no-op."""
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            weight, bias = self.merged_weights(name)
+            if safe_merge and not (weight.isfinite().all() and (bias is None or bias.isfinite().all())):
+                raise ValueError(f"merging adapter {name!r} gives NaN/Inf weights; the base was left untouched.")
+            self.base_layer.weight.data.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.data.copy_(bias)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract merged adapters again, last merged first."""
+        base = self.base_layer
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data.copy_((base.weight.float() - self.delta_weight(name)).to(base.weight.dtype))
+            if self.lora_B[name].bias is not None:
+                b = base.bias.float() - self.scaling[name] * self.lora_B[name].bias.float()
+                base.bias.data.copy_(b.to(base.bias.dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.batch_adapter_names is not None:
+            return result + self.mixed_batch_delta(x, self.batch_adapter_names).to(result.dtype)
+        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if self.merged and self.training and torch.is_grad_enabled() and any(
+                p.requires_grad for n in self.merged_adapters for p in self.lora_A[n].parameters()):
+            raise RuntimeError("this LoRA layer is merged, so its adapters get no gradient; call unmerge(model) "
+                               "before training, or model.eval() / torch.no_grad() for inference.")
+        for name in pending:
+            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
+            if result.dtype != h.dtype or B.bias is not None:
+                result = result + (B(h) * s).to(result.dtype)  # the equation as written
+            else:
+                # same sum in one GEMM: result + s * h B^T, without two extra passes over the (N, out) output
+                out = result.reshape(-1, self.out_features)  # (N, out)
+                result = torch.addmm(out, h.reshape(-1, h.shape[-1]), B.weight.t(), alpha=s).view(result.shape)
+        return result
+
+    def mixed_batch_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Example i gets adapter names[i] ("__base__": none). Ranks are padded to the largest r with zeros so
+        every example runs through one batched matmul against its own gathered (A, B)."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge(model) first.")
+        present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+        if not present:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        r_max = max(self.r[n] for n in present)
+        ref = self.lora_A[present[0]].weight
+        A = ref.new_zeros(len(present) + 1, r_max, self.in_features)  # slot 0 stays zero: the base model
+        B = ref.new_zeros(len(present) + 1, self.out_features, r_max)
+        b = ref.new_zeros(len(present) + 1, self.out_features)
+        for k, n in enumerate(present, start=1):
+            A[k, : self.r[n]] = self.lora_A[n].weight
+            B[k, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+            if self.lora_B[n].bias is not None:
+                b[k] = self.lora_B[n].bias * self.scaling[n]
+        slot = {n: k for k, n in enumerate(present, start=1)}
+        idx = torch.tensor([slot.get(n, 0) for n in names], device=x.device)
+        xb = x.to(ref.dtype).reshape(x.shape[0], -1, self.in_features)  # (N, T, in)
+        h = torch.bmm(xb, A[idx].transpose(1, 2))  # (N, T, r_max)
+        out = torch.bmm(h, B[idx].transpose(1, 2)) + b[idx].unsqueeze(1)  # (N, T, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.r[n] for n in self.lora_A}
+        return f"adapters={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+Linear = LoraLayer  # peft's name for the same thing

@@ -1,0 +1,261 @@
+"""minilora's LoRA against peft on the same weights: outputs, gradients of A and B, merged weights, init,
+mixed batches, and adapter files in both directions (fp32, eval mode, <= 1e-6 relative to the output scale)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter  # noqa: E402
+from minilora.io import load_adapter, lora_state_dict, save_adapter  # noqa: E402
+from minilora.lora import LoraConfig  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UserWarning)
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the models here are tiny: a second thread has nothing to do but wait, which is slow on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(12, 24)
+        self.lin1 = nn.Linear(24, 24)
+        self.lin2 = nn.Linear(24, 6)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_decoder():
+    models = pytest.importorskip("minilora.models")
+    cfg = models.get_config("decoder-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                            max_seq_len=32)
+    return models.DecoderLM(cfg).eval()
+
+
+CASES = {
+    "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 12)),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              lambda: torch.randint(0, 64, (4, 10))),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], lambda: torch.randint(0, 64, (4, 10))),
+    "decoder": (tiny_decoder, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                lambda: torch.randint(0, 64, (4, 10))),
+}
+
+
+def run(model, x, **kw):
+    out = model(x, **kw) if not isinstance(x, torch.Tensor) or x.is_floating_point() else model(input_ids=x, **kw)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def peft_config(cfg: LoraConfig, fan_in_fan_out=False):
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[cfg.init]
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                           use_rslora=cfg.use_rslora, init_lora_weights=init, lora_bias=cfg.lora_bias,
+                           fan_in_fan_out=fan_in_fan_out)
+
+
+def randomize(model, name="default", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.lora_A:
+                for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def copy_into_peft(ours, theirs):
+    """Our adapter tensors into the peft model: same keys once peft's "base_model.model." prefix is added."""
+    sd = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
+    missing = theirs.load_state_dict({"base_model.model." + k: v for k, v in sd.items()}, strict=False)
+    assert not missing.unexpected_keys
+    assert not [k for k in missing.missing_keys if ".lora_" in k]
+
+
+def pair(case, cfg, name="default"):
+    make, targets, make_x = CASES[case]
+    torch.manual_seed(0)
+    base = make()
+    cfg = LoraConfig(**{**cfg.__dict__, "target_modules": targets})
+    ours = inject(copy.deepcopy(base), cfg, name)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg, fan_in_fan_out=case == "gpt2"),
+                                 adapter_name=name)
+    return base, ours, theirs, cfg, make_x()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dropout_eval", "lora_bias"])
+def test_matches_peft_outputs_grads_and_merged_weights(case, variant):
+    cfg = LoraConfig(r=4, alpha=8, use_rslora=variant == "rslora", dropout=0.3 if variant == "dropout_eval" else 0.0,
+                     lora_bias=variant == "lora_bias", target_modules=["x"])
+    base, ours, theirs, cfg, x = pair(case, cfg)
+    randomize(ours)
+    copy_into_peft(ours, theirs)
+    ours.eval(), theirs.eval()
+    assert rel(run(ours, x), run(theirs, x)) <= TOL
+
+    run(ours, x).pow(2).mean().backward()
+    run(theirs, x).pow(2).mean().backward()
+    peft_params = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        if ".lora_" in k:
+            q = peft_params["base_model.model." + k]
+            assert p.grad is not None and rel(p.grad, q.grad) <= TOL, k
+
+    if variant == "lora_bias" and case == "decoder" or variant == "lora_bias" and case == "llama":
+        return  # no base bias to merge a lora_bias into
+    merge(ours)
+    theirs.merge_adapter()
+    ours_sd, peft_sd = ours.state_dict(), theirs.state_dict()
+    for k, v in ours_sd.items():
+        if "base_layer" in k:
+            assert rel(v, peft_sd["base_model.model." + k]) <= TOL, k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_several_adapters_and_mixed_batch_match_peft(case):
+    base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, target_modules=["x"]), "first")
+    cfg_b = LoraConfig(**{**cfg.__dict__, "r": 2, "alpha": 3.0, "use_rslora": True})
+    inject(ours, cfg_b, "second")
+    theirs.add_adapter("second", peft_config(cfg_b, fan_in_fan_out=case == "gpt2"))
+    randomize(ours, "first", seed=1)
+    randomize(ours, "second", seed=2)
+    copy_into_peft(ours, theirs)
+    ours.eval(), theirs.eval()
+
+    set_adapter(ours, ["first", "second"])
+    theirs.base_model.set_adapter(["first", "second"])
+    assert rel(run(ours, x), run(theirs, x)) <= TOL
+
+    names = ["first", "__base__", "second", "first"]
+    mixed = run(ours, x, adapter_names=names)
+    assert rel(mixed, run(theirs, x, adapter_names=names)) <= TOL
+    for i, n in enumerate(names):  # equal to each example run alone with its adapter
+        if n == "__base__":
+            alone = run(base, x[i:i + 1])
+        else:
+            set_adapter(ours, n)
+            alone = run(ours, x[i:i + 1])
+        assert rel(mixed[i:i + 1], alone) <= TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pissa_init_matches_peft(case):
+    base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, init="pissa", target_modules=["x"]))
+    ours.eval(), theirs.eval()
+    peft_sd = theirs.state_dict()
+    for k, v in ours.state_dict().items():
+        if "base_layer.weight" in k or ".lora_" in k:
+            key = "base_model.model." + k
+            assert rel(v, peft_sd[key]) <= TOL, k
+    assert rel(run(ours, x), run(theirs, x)) <= TOL
+    assert rel(run(ours, x), run(base, x)) <= 1e-5  # W_res + s B A = W up to fp32 rounding of the residual
+
+
+def test_gaussian_init_statistics_match_peft():
+    base, ours, theirs, cfg, x = pair("llama", LoraConfig(r=8, alpha=16, init="gaussian", target_modules=["x"]))
+    a_ours = torch.cat([v.flatten() for k, v in ours.state_dict().items() if "lora_A" in k])
+    a_peft = torch.cat([v.flatten() for k, v in theirs.state_dict().items() if "lora_A" in k])
+    assert abs(a_ours.std().item() - 1 / 8) < 0.01 and abs(a_peft.std().item() - 1 / 8) < 0.01
+    assert abs(a_ours.mean().item()) < 0.01
+    assert all(v.abs().max() == 0 for k, v in ours.state_dict().items() if "lora_B" in k)
+
+
+def test_default_init_matches_peft_given_same_seed():
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1", "lin2"])
+    torch.manual_seed(0)
+    base = MLP()
+    ours_model, peft_model = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(123)
+    inject(ours_model, cfg)
+    torch.manual_seed(123)
+    theirs = peft.get_peft_model(peft_model, peft_config(cfg))
+    peft_sd = theirs.state_dict()
+    for k, v in lora_state_dict(ours_model).items():
+        key = "base_model.model." + k.replace(".weight", ".default.weight")
+        assert torch.equal(v, peft_sd[key]), k
+
+
+@pytest.mark.parametrize("case", ["mlp", "llama", "gpt2"])
+def test_combination_matches_peft_cat_and_svd(case):
+    base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, target_modules=["x"]), "first")
+    inject(ours, cfg, "second")
+    theirs.add_adapter("second", peft_config(cfg, fan_in_fan_out=case == "gpt2"))
+    randomize(ours, "first", 1)
+    randomize(ours, "second", 2)
+    copy_into_peft(ours, theirs)
+    ours.eval(), theirs.eval()
+    add_weighted_adapter(ours, ["first", "second"], [0.7, -0.4], "mix", combination_type="cat")
+    theirs.add_weighted_adapter(["first", "second"], [0.7, -0.4], "mix", combination_type="cat")
+    set_adapter(ours, "mix")
+    theirs.set_adapter("mix")
+    assert rel(run(ours, x), run(theirs, x)) <= TOL
+    add_weighted_adapter(ours, ["first", "second"], [0.7, -0.4], "mix_svd", combination_type="svd", svd_rank=8)
+    set_adapter(ours, "mix_svd")
+    assert rel(run(ours, x), run(theirs, x)) <= 1e-5  # rank 8 holds the rank<=8 sum exactly
+
+
+@pytest.mark.parametrize("case", ["mlp", "llama", "gpt2", "decoder"])
+def test_file_round_trips_with_peft(case, tmp_path):
+    base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["x"]))
+    randomize(ours)
+    ours.eval()
+    expected = run(ours, x)
+
+    save_adapter(ours, tmp_path / "ours")  # peft loads our file onto the same base
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert rel(run(loaded, x), expected) <= TOL
+
+    # and we load peft's file
+    copy_into_peft(ours, theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    mine = load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert rel(run(mine, x), expected) <= TOL
+    assert not any(p.requires_grad for p in mine.parameters())  # inference mode, like peft
+
+
+def test_saved_config_has_peft_fields(tmp_path):
+    import json
+
+    base, ours, theirs, cfg, x = pair("mlp", LoraConfig(r=4, alpha=8, target_modules=["x"]))
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    a = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    b = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(a) == set(b)
+    for k in ["r", "lora_alpha", "lora_dropout", "peft_type", "init_lora_weights", "use_rslora", "bias"]:
+        assert a[k] == b[k], k
+    from safetensors.torch import load_file
+
+    ka = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    kb = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert ka == kb
