@@ -9,15 +9,6 @@ from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapt
 from minilora.lora import LoraConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second thread has nothing to do but wait, which is slow on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self):
         super().__init__()

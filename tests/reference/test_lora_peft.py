@@ -19,15 +19,6 @@ warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the models here are tiny: a second thread has nothing to do but wait, which is slow on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,0 +1,263 @@
+"""Training and evaluation loops shared by every lesson.
+
+One loop serves pretraining, full fine-tuning and every adapter method: it optimises whatever
+parameters have ``requires_grad=True``, so freezing the base (done by ``inject``) is all it takes to
+train an adapter instead of the whole model.
+
+    encode_examples   instruction examples -> token ids + labels (loss on the response only)
+    lm_chunks         a plain-text corpus -> fixed-length blocks for language-model pretraining
+    train             AdamW, linear warmup + cosine decay, gradient clipping, optional checkpointing
+    evaluate          mean loss and perplexity on held-out examples
+    exact_match       generate an answer for each prompt and compare it with the reference text
+
+Everything is deterministic given ``TrainConfig.seed`` on a fixed machine and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10  # record the running loss every N steps
+    progress: bool = True  # tqdm bar; lessons turn it off so validated output stays stable
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss[-1]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def encode_examples(examples, tokenizer, kind: str = "decoder", max_len: int = 256) -> list[dict]:
+    """Turn instruction examples into token ids.
+
+    decoder:  input_ids = <bos> prompt output <eos>, labels = IGNORE on the prompt, ids on the response,
+              so the loss teaches the answer and not the question.
+    seq2seq:  input_ids = prompt <eos> (encoder), labels = output <eos> (decoder targets).
+    """
+    from minilora.tasks import format_prompt
+
+    if kind not in ("decoder", "seq2seq"):
+        raise ValueError(f"kind must be 'decoder' or 'seq2seq', got {kind!r}")
+    encoded = []
+    for ex in examples:
+        prompt = tokenizer.encode(format_prompt(ex), add_bos=(kind == "decoder"))
+        answer = tokenizer.encode(ex["output"], add_eos=True)
+        if kind == "decoder":
+            ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        else:
+            ids, labels = prompt + [tokenizer.eos_id], answer
+        if len(ids) > max_len or len(labels) > max_len:
+            raise ValueError(
+                f"example has {max(len(ids), len(labels))} tokens, more than max_len={max_len}; "
+                "raise max_len (up to the model's max_seq_len) or shorten the example"
+            )
+        encoded.append({"input_ids": ids, "labels": labels})
+    return encoded
+
+
+def lm_chunks(texts, tokenizer, block_size: int) -> list[dict]:
+    """Pack documents (each wrapped in <bos> ... <eos>) into contiguous blocks of ``block_size`` tokens."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer.encode(text, add_bos=True, add_eos=True)
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+    return [
+        {"input_ids": stream[i * block_size : (i + 1) * block_size]} for i in range(n_blocks)
+    ]
+
+
+def collate(rows: list[dict], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a list of rows to a batch; labels pad with IGNORE_INDEX so padding never enters the loss."""
+    out = {}
+    for key in rows[0]:
+        pad = IGNORE_INDEX if key == "labels" else pad_id
+        width = max(len(r[key]) for r in rows)
+        batch = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            seq = torch.tensor(r[key], dtype=torch.long)
+            span = slice(width - len(seq), width) if left_pad else slice(0, len(seq))
+            batch[i, span] = seq
+            mask[i, span] = 1
+        out[key] = batch
+        if key == "input_ids":
+            out["attention_mask"] = mask
+    return out
+
+
+def _batches(rows: list[dict], batch_size: int, pad_id: int, generator: torch.Generator):
+    """Endless shuffled batches; each epoch is a fresh permutation drawn from ``generator``."""
+    while True:
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([rows[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "n_encoder_layers", 0))
+
+
+def _model_inputs(model, batch: dict) -> dict:
+    if "labels" not in batch:  # plain language modelling: predict every next token
+        batch = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)}
+    if not _is_seq2seq(model):
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    return batch
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0) -> History:
+    """Optimise the trainable parameters of ``model`` on ``rows`` (from encode_examples or lm_chunks)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters; inject an adapter or unfreeze some weights")
+    if len(rows) < cfg.batch_size:
+        raise ValueError(f"only {len(rows)} training rows for batch_size={cfg.batch_size}; lower the batch size")
+    torch.manual_seed(cfg.seed)  # dropout masks
+    generator = torch.Generator().manual_seed(cfg.seed)  # data order
+    # Decay matrices only; norms, biases and 1-D adapter vectors (IA3, DoRA magnitudes) are left alone.
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+
+    history, running = History(), []
+    model.train()
+    batches = _batches(rows, cfg.batch_size, pad_id, generator)
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train")
+    for step in bar:
+        out = model(**_model_inputs(model, next(batches)))
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        running.append(out.loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            history.steps.append(step + 1)
+            history.loss.append(sum(running) / len(running))
+            history.lr.append(optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+            running = []
+    model.eval()
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = False
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], batch_size: int = 32, pad_id: int = 0) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over ``rows``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = _model_inputs(model, collate(rows[start : start + batch_size], pad_id))
+        # The decoder loss shifts labels by one inside the model; the seq2seq loss does not.
+        labels = batch["labels"] if _is_seq2seq(model) else batch["labels"][:, 1:]
+        n_tokens = int((labels != IGNORE_INDEX).sum())
+        total += model(**batch).loss.item() * n_tokens
+        count += n_tokens
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """Greedy answers for instruction examples (decoder: continue the prompt; seq2seq: decode from the prompt)."""
+    from minilora.tasks import format_prompt
+
+    seq2seq = _is_seq2seq(model)
+    was_training = model.training
+    model.eval()
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if seq2seq:
+            rows = [{"input_ids": tokenizer.encode(format_prompt(ex)) + [tokenizer.eos_id]} for ex in chunk]
+            batch = collate(rows, tokenizer.pad_id)
+            out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
+                                 attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
+            new = out[:, 1:]  # drop decoder_start
+        else:
+            rows = [{"input_ids": tokenizer.encode(format_prompt(ex), add_bos=True)} for ex in chunk]
+            batch = collate(rows, tokenizer.pad_id, left_pad=True)
+            out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
+                                 attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+        for row in new.tolist():
+            if tokenizer.eos_id in row:
+                row = row[: row.index(tokenizer.eos_id)]
+            answers.append(tokenizer.decode(row).strip())
+    model.train(was_training)
+    return answers
+
+
+def exact_match(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32) -> float:
+    """Fraction of examples whose greedy answer equals the reference output exactly (after strip)."""
+    examples = list(examples)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+    hits = sum(a == ex["output"].strip() for a, ex in zip(answers, examples))
+    return hits / max(1, len(examples))
