@@ -152,7 +152,8 @@ def config_from_hf_t5(hf_config) -> ModelConfig:
         pad_token_id=hf_config.pad_token_id,
         eos_token_id=_first(hf_config.eos_token_id, 1),
         bos_token_id=_first(getattr(hf_config, "bos_token_id", None), 1),
-        decoder_start_token_id=hf_config.decoder_start_token_id,
+        # T5 starts decoding from the pad token; configs built by hand may not say so explicitly.
+        decoder_start_token_id=_first(getattr(hf_config, "decoder_start_token_id", None), hf_config.pad_token_id),
     )
 
 
