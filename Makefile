@@ -32,7 +32,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
 nbval: $(STAMP)
-	$(PY) -m pytest -q -p no:randomly $(NBVAL) notebooks/
+	$(PY) -m pytest -q $(NBVAL) notebooks/
 
 # Execute every lesson in place, top to bottom, in a fresh kernel (commit the result).
 lessons: $(STAMP)
