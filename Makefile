@@ -46,10 +46,12 @@ lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
 
 # Regenerate data/: tasks and corpus, tokenizer, then the pretrained base checkpoints.
+# (the -W filter hides runpy's note that the package imported these modules before running them)
+RUN_MODULE := $(PY) -W "ignore:'minilora:RuntimeWarning" -m
 data: $(STAMP)
-	$(PY) -m minilora.tasks
-	$(PY) -m minilora.tokenizer
-	$(PY) -m minilora.pretrain --quiet
+	$(RUN_MODULE) minilora.tasks
+	$(RUN_MODULE) minilora.tokenizer
+	$(RUN_MODULE) minilora.pretrain --quiet
 
 bench: $(STAMP)
 	$(PY) bench/lora_step.py

@@ -109,7 +109,8 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
     train_docs, val_docs = _split_corpus(load_corpus())
     cfg = spec["train"]
     if steps is not None:
-        cfg = TrainConfig(**{**cfg.__dict__, "steps": steps})
+        # quick runs keep the schedule's shape: warmup at most a tenth of the steps
+        cfg = TrainConfig(**{**cfg.__dict__, "steps": steps, "warmup_steps": min(cfg.warmup_steps, steps // 10)})
     cfg.progress = progress
 
     torch.manual_seed(cfg.seed)
