@@ -9,9 +9,10 @@ instruction format, so a base "knows the language" of the downstream tasks but n
 that gap is what fine-tuning closes, and the lessons measure how well each method closes it.
 
 - decoder-tiny: next-token prediction on the corpus packed into 128-token blocks.
-- seq2seq-tiny: each document is split at a random word; the encoder reads the beginning with some words
-  dropped (denoising) and the decoder writes the whole document back followed by nothing else. The
-  encoder-decoder thereby learns to read a prefix and produce text, in the world's language.
+- seq2seq-tiny: half the documents are denoised (the encoder reads the document with ~15% of its words
+  dropped, the decoder writes it back) and half are continued (the encoder reads the document up to a
+  random word, the decoder writes the rest). Denoising teaches it to read its input exactly; continuing
+  teaches it to produce text from what it read, e.g. "The number 342 is written" -> "three hundred forty-two".
 
 Each checkpoint is ``data/checkpoints/<name>.safetensors`` (weights) + ``<name>.json`` (model config,
 recipe and measured quality). ``load_base(name)`` loads one in a single call; loading never unpickles.
@@ -78,16 +79,22 @@ def _split_corpus(docs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def seq2seq_rows(docs: list[str], tokenizer, max_len: int, seed: int) -> list[dict]:
-    """Denoising rows: encoder sees a prefix with ~15% of words dropped, decoder writes the whole document."""
+    """Two objectives, half the documents each, so the encoder-decoder learns to read its input exactly:
+
+    denoise:   encoder reads the whole document with ~15% of its words dropped, decoder writes it back;
+    continue:  encoder reads the document up to a random word, decoder writes the rest.
+    """
     rng = random.Random(seed)
     rows = []
     for doc in docs:
         words = doc.split(" ")
-        cut = rng.randint(1, max(1, len(words) - 1))
-        kept = [w for w in words[:cut] if rng.random() > 0.15] or words[:1]
-        source = tokenizer.encode(" ".join(kept), add_eos=True)[:max_len]
-        target = tokenizer.encode(doc, add_eos=True)[:max_len]
-        rows.append({"input_ids": source, "labels": target})
+        if rng.random() < 0.5 or len(words) < 2:
+            source_words, target = [w for w in words if rng.random() > 0.15] or words[:1], doc
+        else:
+            cut = rng.randint(1, len(words) - 1)
+            source_words, target = words[:cut], " " + " ".join(words[cut:])
+        source = tokenizer.encode(" ".join(source_words), add_eos=True)[:max_len]
+        rows.append({"input_ids": source, "labels": tokenizer.encode(target, add_eos=True)[:max_len]})
     return rows
 
 
@@ -133,7 +140,7 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
         "name": name,
         "config": config.to_dict(),
         "recipe": {
-            "objective": "seq2seq denoising (prefix with dropped words -> full document)" if config.n_encoder_layers else "next-token prediction",
+            "objective": "seq2seq: half denoising (document with dropped words -> document), half continuation (prefix -> rest)" if config.n_encoder_layers else "next-token prediction",
             "corpus": "data/corpus/pretrain.txt",
             "train_documents": len(train_docs),
             "train_rows": len(train_rows),

@@ -145,11 +145,16 @@ def _batches(rows: list[dict], batch_size: int, pad_id: int, generator: torch.Ge
             yield collate([rows[i] for i in order[start : start + batch_size]], pad_id)
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def _is_seq2seq(model) -> bool:
     return bool(getattr(model.config, "n_encoder_layers", 0))
 
 
 def _model_inputs(model, batch: dict) -> dict:
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
     if "labels" not in batch:  # plain language modelling: predict every next token
         batch = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)}
     if not _is_seq2seq(model):
@@ -230,6 +235,7 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch
     from minilora.tasks import format_prompt
 
     seq2seq = _is_seq2seq(model)
+    device = _device(model)
     was_training = model.training
     model.eval()
     answers = []
@@ -237,13 +243,13 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch
         chunk = examples[start : start + batch_size]
         if seq2seq:
             rows = [{"input_ids": tokenizer.encode(format_prompt(ex)) + [tokenizer.eos_id]} for ex in chunk]
-            batch = collate(rows, tokenizer.pad_id)
+            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_id).items()}
             out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
                                  attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
             new = out[:, 1:]  # drop decoder_start
         else:
             rows = [{"input_ids": tokenizer.encode(format_prompt(ex), add_bos=True)} for ex in chunk]
-            batch = collate(rows, tokenizer.pad_id, left_pad=True)
+            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_id, left_pad=True).items()}
             out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
                                  attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
             new = out[:, batch["input_ids"].shape[1]:]

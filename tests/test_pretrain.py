@@ -34,14 +34,24 @@ def test_decoder_base_has_learned_the_corpus():
     assert ppl < 0.01 * tok.vocab_size
 
 
-def test_seq2seq_rows_drop_words_from_the_source_and_keep_the_whole_target():
+def test_seq2seq_rows_mix_denoising_and_continuation():
     tok = ml.load_tokenizer()
-    docs = ["The plonk is huge and the plonk is red and it lives on the mountain ."] * 4
-    rows = seq2seq_rows(docs, tok, max_len=64, seed=0)
-    for row in rows:
-        assert row["labels"] == tok.encode(docs[0], add_eos=True)
-        assert len(row["input_ids"]) < len(row["labels"])
-    assert rows == seq2seq_rows(docs, tok, max_len=64, seed=0)
+    doc = "The plonk is huge and the plonk is red and it lives on the mountain ."
+    rows = seq2seq_rows([doc] * 40, tok, max_len=64, seed=0)
+    whole = tok.encode(doc, add_eos=True)
+    denoise = [r for r in rows if r["labels"] == whole]
+    cont = [r for r in rows if r["labels"] != whole]
+    assert 10 < len(denoise) < 30 and len(cont) == 40 - len(denoise)
+    # the source keeps the document's words in order, minus dropped ones (each p=0.15, so now and then none)
+    words = doc.split(" ")
+    for r in denoise:
+        kept = iter(words)
+        source = tok.decode(r["input_ids"]).split(" ")
+        assert all(w in kept for w in source)
+    assert sum(len(tok.decode(r["input_ids"]).split(" ")) < len(words) for r in denoise) > len(denoise) // 2
+    for r in cont:  # source + target spell the document exactly
+        assert tok.decode(r["input_ids"]) + tok.decode(r["labels"]) == doc
+    assert rows == seq2seq_rows([doc] * 40, tok, max_len=64, seed=0)
 
 
 def test_base_generation_is_deterministic():
