@@ -7,6 +7,7 @@ import torch.nn as nn
 from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapters, inject, lora_layers, merge,
                              merge_and_unload, set_adapter, trainable_report, unmerge)
 from minilora.lora import LoraConfig
+from minilora.models import DecoderLM, get_config
 
 
 class Block(nn.Module):
@@ -292,11 +293,10 @@ def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
 
 
 def test_decoder_lm_inject_train_step_and_merge():
-    models = pytest.importorskip("minilora.models")
     torch.manual_seed(0)
-    cfg_m = models.get_config("decoder-tiny", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    cfg_m = get_config("decoder-tiny", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                               d_ff=64, max_seq_len=32)
-    model = models.DecoderLM(cfg_m)
+    model = DecoderLM(cfg_m)
     ids = torch.randint(0, 128, (2, 12))
     y0 = model(ids).logits
     inject(model, cfg(target_modules=["q_proj", "v_proj", "down_proj"]))

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft
+import transformers
 
-from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter  # noqa: E402
-from minilora.io import load_adapter, lora_state_dict, save_adapter  # noqa: E402
-from minilora.lora import LoraConfig  # noqa: E402
+from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
+from minilora.io import load_adapter, lora_state_dict, save_adapter
+from minilora.lora import LoraConfig
+from minilora.models import DecoderLM, get_config
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-6
@@ -43,10 +44,9 @@ def tiny_gpt2():
 
 
 def tiny_decoder():
-    models = pytest.importorskip("minilora.models")
-    cfg = models.get_config("decoder-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+    cfg = get_config("decoder-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                             max_seq_len=32)
-    return models.DecoderLM(cfg).eval()
+    return DecoderLM(cfg).eval()
 
 
 CASES = {
