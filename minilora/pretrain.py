@@ -25,6 +25,7 @@ import difflib
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,18 +36,9 @@ from minilora.tasks import SEQ2SEQ_TASKS, TASKS, data_dir, load_corpus, load_tas
 from minilora.tokenizer import load_tokenizer
 from minilora.train import TrainConfig, evaluate, exact_match, lm_chunks, train
 
-BASES = {
-    "decoder-tiny": {
-        "preset": "decoder-tiny",
-        "train": TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.01, seed=0),
-        "block_size": 128,
-    },
-    "seq2seq-tiny": {
-        "preset": "seq2seq-tiny",
-        "train": TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.01, seed=0),
-        "block_size": 128,
-    },
-}
+BASES = {"decoder-tiny": "decoder-tiny", "seq2seq-tiny": "seq2seq-tiny"}  # base name -> model preset
+RECIPE = TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.01, seed=0)  # both bases
+BLOCK_SIZE = 128  # tokens per pretraining row
 HELD_OUT_FRACTION = 0.05  # last 5% of corpus documents measure validation perplexity
 EVAL_EXAMPLES = 100  # test examples per task for the zero-shot exact-match check
 
@@ -110,26 +102,24 @@ def quality(model, tokenizer, val_rows: list[dict], tasks: list[str]) -> dict:
 def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
     """Pretrain one base from scratch and write its checkpoint; returns the metadata written."""
     _check_name(name)
-    spec = BASES[name]
     tokenizer = load_tokenizer()
-    config = get_config(spec["preset"], vocab_size=tokenizer.vocab_size)
+    config = get_config(BASES[name], vocab_size=tokenizer.vocab_size)
     train_docs, val_docs = _split_corpus(load_corpus())
-    cfg = spec["train"]
+    cfg = replace(RECIPE, progress=progress)
     if steps is not None:
         # quick runs keep the schedule's shape: warmup at most a tenth of the steps
-        cfg = TrainConfig(**{**cfg.__dict__, "steps": steps, "warmup_steps": min(cfg.warmup_steps, steps // 10)})
-    cfg.progress = progress
+        cfg = replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 10))
 
     torch.manual_seed(cfg.seed)
     if config.n_encoder_layers:
         model = Seq2SeqLM(config)
-        train_rows = seq2seq_rows(train_docs, tokenizer, spec["block_size"], cfg.seed)
-        val_rows = seq2seq_rows(val_docs, tokenizer, spec["block_size"], cfg.seed + 1)
+        train_rows = seq2seq_rows(train_docs, tokenizer, BLOCK_SIZE, cfg.seed)
+        val_rows = seq2seq_rows(val_docs, tokenizer, BLOCK_SIZE, cfg.seed + 1)
         tasks = SEQ2SEQ_TASKS
     else:
         model = DecoderLM(config)
-        train_rows = lm_chunks(train_docs, tokenizer, spec["block_size"])
-        val_rows = lm_chunks(val_docs, tokenizer, spec["block_size"])
+        train_rows = lm_chunks(train_docs, tokenizer, BLOCK_SIZE)
+        val_rows = lm_chunks(val_docs, tokenizer, BLOCK_SIZE)
         tasks = list(TASKS)
 
     start = time.perf_counter()
@@ -144,7 +134,7 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
             "corpus": "data/corpus/pretrain.txt",
             "train_documents": len(train_docs),
             "train_rows": len(train_rows),
-            "block_size": spec["block_size"],
+            "block_size": BLOCK_SIZE,
             "steps": cfg.steps,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
@@ -177,7 +167,7 @@ def report_markdown() -> str:
         r, q = meta["recipe"], meta["quality"]
         lines += [
             f"### {name}", "",
-            f"- {meta['parameters']:,} parameters, preset `{BASES[name]['preset']}`; objective: {r['objective']}.",
+            f"- {meta['parameters']:,} parameters, preset `{BASES[name]}`; objective: {r['objective']}.",
             f"- {r['steps']} steps x batch {r['batch_size']} (blocks of {r['block_size']} tokens), AdamW lr {r['lr']}, "
             f"warmup {r['warmup_steps']}, cosine, weight decay {r['weight_decay']}, seed {r['seed']}.",
             f"- wall time {meta['wall_time_s']} s on a 2-core CPU ({r['torch_threads']} torch threads); final train loss {meta['final_train_loss']}.",

@@ -241,18 +241,12 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        if seq2seq:
-            rows = [{"input_ids": tokenizer.encode(format_prompt(ex)) + [tokenizer.eos_id]} for ex in chunk]
-            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_id).items()}
-            out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
-                                 attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
-            new = out[:, 1:]  # drop decoder_start
-        else:
-            rows = [{"input_ids": tokenizer.encode(format_prompt(ex), add_bos=True)} for ex in chunk]
-            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_id, left_pad=True).items()}
-            out = model.generate(batch["input_ids"], max_new_tokens=max_new_tokens,
-                                 attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_id)
-            new = out[:, batch["input_ids"].shape[1]:]
+        # seq2seq: the prompt is the encoder input; decoder: the prompt is left-padded and continued
+        prompts = [tokenizer.encode(format_prompt(ex), add_bos=not seq2seq, add_eos=seq2seq) for ex in chunk]
+        batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_id, left_pad=not seq2seq)
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=mask, eos_token_id=tokenizer.eos_id)
+        new = out[:, 1:] if seq2seq else out[:, input_ids.shape[1]:]  # drop decoder_start / the prompt
         for row in new.tolist():
             if tokenizer.eos_id in row:
                 row = row[: row.index(tokenizer.eos_id)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minilora as ml
-from minilora.pretrain import BASES, checkpoint_dir, seq2seq_rows
+from minilora.pretrain import BASES, RECIPE, checkpoint_dir, seq2seq_rows
 from minilora.train import evaluate, lm_chunks
 
 
@@ -21,7 +21,7 @@ def test_committed_base_loads_and_records_how_it_was_made(name):
     meta = json.loads((checkpoint_dir() / f"{name}.json").read_text())
     assert not model.training
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
-    assert meta["recipe"]["steps"] == BASES[name]["train"].steps
+    assert meta["recipe"]["steps"] == RECIPE.steps
     assert meta["wall_time_s"] > 0 and "val_perplexity" in meta["quality"]
 
 
