@@ -1,50 +1,74 @@
 """LoRA training-step and merged-inference cost, measured against peft and the base model in one run.
 
-Every variant starts from the same base weights and sees the same batch; repeats are interleaved
-(variant 1, 2, 3, 4, 1, 2, ...) so drift in machine speed hits all of them alike, and medians are reported.
+Every variant starts from the same base weights and sees the same batch. Each round runs every variant once,
+starting from a different one each round (1 2 3, 2 3 1, ...); a ratio is the median over rounds of the
+ratio within a round, so a slow spell of a shared machine hits both sides of it alike. Milliseconds are
+plain medians.
 
   frozen floor   forward + backward to the input embeddings, no weight gradients: what any adapter pays at least
   minilora LoRA  minilora.inject, AdamW on the adapter parameters
   peft LoRA      peft.get_peft_model with the same config, same optimizer
-  full FT        every weight trains, AdamW on all of them
+  full FT        every weight trains, AdamW on all of them (timed in its own rounds against the floor)
   base / merged  inference (eval, no_grad) of the base vs the model after minilora.merge (LoRA layers still in place)
 
     python bench/lora_step.py            # decoder-small-sized model
     python bench/lora_step.py --quick    # smaller model and fewer repeats, under a minute on 2 cores
+    python bench/lora_step.py --d-model 2048 --layers 2 --repeats 8   # how the ratios move with width
 """
 
 import argparse
 import copy
 import statistics
 import time
+from functools import partial
 
 import torch
 
 from minilora.inject import inject, merge, merge_and_unload
 from minilora.lora import LoraConfig
+from minilora.models import DecoderLM, get_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(quick: bool):
-    """Our DecoderLM when it is available, otherwise HF Llama with the same shapes (both Llama-named)."""
+def build_model(quick: bool, d_model: int | None = None, n_layers: int | None = None):
+    """decoder-small, our Llama-style DecoderLM (peft wraps it by its Llama module names).
+    `d_model` scales its shapes (heads of 64, half as many KV heads, d_ff = 3 d_model)."""
     size = dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768) if quick else {}
-    try:
-        from minilora.models import DecoderLM, get_config
-
-        return DecoderLM(get_config("decoder-small", **size)), "DecoderLM decoder-small" + (" (quick: 4x256)" if quick else "")
-    except ImportError:
-        import transformers
-
-        cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=size.get("d_model", 512),
-                                       intermediate_size=size.get("d_ff", 1536), num_hidden_layers=size.get("n_layers", 8),
-                                       num_attention_heads=size.get("n_heads", 8), num_key_value_heads=size.get("n_kv_heads", 4))
-        return transformers.LlamaForCausalLM(cfg), "HF LlamaForCausalLM (decoder-small shapes)"
+    if d_model:
+        size.update(d_model=d_model, n_heads=d_model // 64, n_kv_heads=max(1, d_model // 128), d_ff=3 * d_model)
+    if n_layers:
+        size["n_layers"] = n_layers
+    shape = ", ".join(f"{k}={v}" for k, v in size.items() if k in ("d_model", "n_layers", "d_ff"))
+    return DecoderLM(get_config("decoder-small", **size)), "DecoderLM decoder-small" + (f" ({shape})" if shape else "")
 
 
 def loss_of(model, ids):
-    out = model(input_ids=ids, labels=ids)
-    return out.loss if hasattr(out, "loss") else out["loss"]
+    return model(input_ids=ids, labels=ids).loss
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """Round i starts at a different variant, so none always runs right after the same neighbour."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def timed_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """One warm-up call each (allocator, optimizer state), then `rounds` rounds of one call each, rotated."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for i in range(rounds):
+        for name in rotated(list(fns), i):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of times[a][i] / times[b][i]: both were measured in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def make_train_step(model, params):
@@ -59,10 +83,6 @@ def make_train_step(model, params):
     return step
 
 
-def embeddings(model):
-    return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -72,15 +92,17 @@ def main():
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=None, help="scale the model's width (see build_model)")
+    ap.add_argument("--layers", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batch, seq = args.batch or (4 if args.quick else 8), args.seq or (64 if args.quick else 128)
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = args.repeats or (5 if args.quick else 11)
 
     import peft
 
     torch.manual_seed(0)
-    base, desc = build_model(args.quick)
+    base, desc = build_model(args.quick, args.d_model, args.layers)
     base.train()
     targets = args.targets.split(",")
     cfg = LoraConfig(r=args.r, alpha=2 * args.r, target_modules=targets)
@@ -93,22 +115,19 @@ def main():
     for p in floor.parameters():
         p.requires_grad_(False)
     # gradients flow back to the embeddings' output, through every layer, with no weight gradients
-    embeddings(floor).register_forward_hook(lambda m, i, out: out.requires_grad_())
+    floor.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
 
-    variants = {
-        "frozen floor (fwd + input-grad bwd)": make_train_step(floor, []),
-        f"minilora LoRA r={args.r}": make_train_step(ours, [p for p in ours.parameters() if p.requires_grad]),
-        f"peft LoRA r={args.r}": make_train_step(theirs, [p for p in theirs.parameters() if p.requires_grad]),
-        "full fine-tuning": make_train_step(full, list(full.parameters())),
+    floor_name, ours_name, peft_name = "frozen floor (fwd + input-grad bwd)", f"minilora LoRA r={args.r}", f"peft LoRA r={args.r}"
+    steps = {
+        floor_name: make_train_step(floor, []),
+        ours_name: make_train_step(ours, [p for p in ours.parameters() if p.requires_grad]),
+        peft_name: make_train_step(theirs, [p for p in theirs.parameters() if p.requires_grad]),
     }
-    times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up: allocator, optimizer state
-        fn(ids)
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn(ids)
-            times[name].append(time.perf_counter() - t0)
+    times = timed_rounds({k: partial(fn, ids) for k, fn in steps.items()}, repeats)
+    # full fine-tuning in rounds of its own against the floor: gradients and AdamW state for every weight
+    # churn memory, which would add noise to the LoRA comparison above if it ran between those steps
+    full_times = timed_rounds({floor_name: partial(steps[floor_name], ids),
+                               "full fine-tuning": partial(make_train_step(full, list(full.parameters())), ids)}, repeats)
 
     # inference: base vs minilora merged (LoRA wrappers still in the model) vs merged-and-unloaded
     base.eval()
@@ -116,32 +135,25 @@ def main():
     merge(merged)
     unloaded = merge_and_unload(copy.deepcopy(merged))
     infer = {"base inference": base, "merged inference (LoRA layers kept)": merged, "merge_and_unload inference": unloaded}
-    itimes = {k: [] for k in infer}
     with torch.no_grad():
-        for m in infer.values():
-            m(input_ids=ids)
-        for _ in range(3 * repeats):
-            for name, m in infer.items():
-                t0 = time.perf_counter()
-                m(input_ids=ids)
-                itimes[name].append(time.perf_counter() - t0)
+        itimes = timed_rounds({k: partial(m, input_ids=ids) for k, m in infer.items()}, 3 * repeats)
 
-    med = {k: statistics.median(v) for k, v in {**times, **itimes}.items()}
-    floor_t = med["frozen floor (fwd + input-grad bwd)"]
-    ours_t, peft_t = med[f"minilora LoRA r={args.r}"], med[f"peft LoRA r={args.r}"]
-    base_t, merged_t = med["base inference"], med["merged inference (LoRA layers kept)"]
+    med = {k: statistics.median(v) for k, v in {**times, **full_times, **itimes}.items()}
     n_params = sum(p.numel() for p in base.parameters())
     print(f"model: {desc}, {n_params / 1e6:.1f}M params; batch {batch}x{seq}; targets {targets}; "
-          f"torch threads {torch.get_num_threads()}; medians of {repeats} interleaved repeats (inference {3 * repeats})")
+          f"torch threads {torch.get_num_threads()}; {repeats} rounds (inference {3 * repeats})")
+    print("ratios are medians over rounds of the ratio within a round, so a slow spell of the machine cancels out")
     print(f"{'variant':<40} {'median ms':>10} {'/ floor':>8} {'/ peft':>8}")
     for name in times:
-        print(f"{name:<40} {1e3 * med[name]:>10.1f} {med[name] / floor_t:>8.3f} {med[name] / peft_t:>8.3f}")
+        print(f"{name:<40} {1e3 * med[name]:>10.1f} {ratio(times, name, floor_name):>8.3f} {ratio(times, name, peft_name):>8.3f}")
+    full_floor = ratio(full_times, "full fine-tuning", floor_name)
+    print(f"{'full fine-tuning (own rounds)':<40} {1e3 * med['full fine-tuning']:>10.1f} {full_floor:>8.3f} "
+          f"{full_floor / ratio(times, peft_name, floor_name):>8.3f}")
     for name in itimes:
-        print(f"{name:<40} {1e3 * med[name]:>10.1f} {'':>8} {'':>8}   / base {med[name] / base_t:.3f}")
-    print(f"LoRA/frozen-floor ratio: {ours_t / floor_t:.3f}")
-    print(f"minilora/peft step ratio: {ours_t / peft_t:.3f}")
-    print(f"merged/base inference ratio: {merged_t / base_t:.3f}")
-
+        print(f"{name:<40} {1e3 * med[name]:>10.1f} {'':>8} {'':>8}   / base {ratio(itimes, name, 'base inference'):.3f}")
+    print(f"LoRA/frozen-floor ratio: {ratio(times, ours_name, floor_name):.3f}")
+    print(f"minilora/peft step ratio: {ratio(times, ours_name, peft_name):.3f}")
+    print(f"merged/base inference ratio: {ratio(itimes, 'merged inference (LoRA layers kept)', 'base inference'):.3f}")
 
 if __name__ == "__main__":
     main()

@@ -230,3 +230,76 @@ def test_mixed_batch_length_mismatch_raises():
     layer.batch_adapter_names = ["default"]
     with pytest.raises(ValueError, match="adapter_names has 1 entries but the batch has 2"):
         layer(torch.randn(2, 16))
+
+
+def equation_path(layer, x, name="default"):
+    """The layer's output by the equation, with autograd's own backward (the reference for the fused node)."""
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    return layer.base_layer(x) + B(A(x)) * layer.scaling[name]
+
+
+def frozen_layer(**kw):
+    layer = make_layer(**kw)
+    layer.base_layer.requires_grad_(False)  # as inject leaves it
+    randomize(layer)
+    return layer
+
+
+def grads_of(layer, x, out, upstream):
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    wanted = [x, *params] if x.requires_grad else params
+    return torch.autograd.grad(out, wanted, upstream)
+
+
+def assert_equal_up_to_summation_order(got, want):
+    assert got.shape == want.shape and got.stride() == want.stride()
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16), (2, 3, 4, 16)])
+def test_fused_node_equals_the_equation_outputs_and_gradients(bias, shape):
+    layer = frozen_layer(r=4, alpha=6.0, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "FrozenLinearWithLoraBackward"
+    reference = equation_path(layer, x)
+    assert torch.equal(fused, reference)  # the forward runs the equation's own operations
+    upstream = torch.randn_like(fused)
+    for got, want in zip(grads_of(layer, x, fused, upstream), grads_of(layer, x, reference, upstream)):
+        assert_equal_up_to_summation_order(got, want)
+
+
+def test_fused_node_with_non_contiguous_input_and_no_input_grad():
+    layer = frozen_layer()
+    x = torch.randn(16, 6).T  # (6, 16), transposed view
+    fused, reference = layer(x), equation_path(layer, x)
+    assert torch.equal(fused, reference)
+    upstream = torch.randn_like(fused)
+    for got, want in zip(grads_of(layer, x, fused, upstream), grads_of(layer, x, reference, upstream)):
+        assert_equal_up_to_summation_order(got, want)
+
+
+def test_fused_node_skips_gradients_of_a_frozen_adapter():
+    layer = frozen_layer()
+    layer.lora_A["default"].weight.requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.lora_A["default"].weight.grad is None
+    assert layer.lora_B["default"].weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("setup", ["trainable_bias", "trainable_weight", "lora_bias", "dropout_train",
+                                   "two_adapters", "half_base", "plain_frozen"])
+def test_other_cases_take_the_equation_path(setup):
+    layer = make_layer(lora_bias=setup == "lora_bias", dropout=0.3 if setup == "dropout_train" else 0.0)
+    layer.base_layer.weight.requires_grad_(setup == "trainable_weight")
+    layer.base_layer.bias.requires_grad_(setup == "trainable_bias")
+    if setup == "two_adapters":
+        layer.add_adapter("b", LoraConfig(r=2, target_modules=["x"]))
+        layer.active_adapters = ["default", "b"]
+    if setup == "half_base":
+        layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=layer.base_layer.weight.dtype, requires_grad=True)
+    fused = type(layer(x).grad_fn).__name__ == "FrozenLinearWithLoraBackward"
+    assert fused == (setup == "plain_frozen")  # only the plain frozen case is fused
