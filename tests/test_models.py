@@ -38,7 +38,8 @@ def test_get_config_returns_preset_with_overrides():
     assert shapes == (2048, 128, 2, 4, 2, 384)
     assert (cfg.pos, cfg.norm, cfg.mlp, cfg.max_seq_len) == ("rope", "rmsnorm", "swiglu", 256)
     s2s = get_config("seq2seq-tiny")
-    assert (s2s.n_encoder_layers, s2s.n_layers, s2s.pos, s2s.mlp, s2s.attn_scale) == (3, 3, "relative", "geglu", 1.0)
+    # T5 layout with standard 1/sqrt(head_dim) scaling (None); HF T5 itself loads with attn_scale=1.0
+    assert (s2s.n_encoder_layers, s2s.n_layers, s2s.pos, s2s.mlp, s2s.attn_scale) == (3, 3, "relative", "geglu", None)
     assert set(PRESETS) >= {"decoder-tiny", "seq2seq-tiny", "decoder-small", "gpt2-124m", "llama-1b", "llama-7b",
                             "seq2seq-small"}
 

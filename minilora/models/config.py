@@ -162,10 +162,12 @@ PRESETS: dict[str, dict] = {
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
         norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=True,
     ),
-    # T5 v1.1 style: relative position bias, gated-GELU, no attention scaling, untied head.
+    # T5 v1.1 style: relative position bias, gated-GELU, untied head; unlike T5, the standard 1/sqrt(head_dim)
+    # attention scaling (attn_scale=None), which pretrained far better at this size (data/README.md).
+    # Weights loaded from HF T5 (models/hf.py) get T5's attn_scale=1.0.
     "seq2seq-tiny": dict(
         vocab_size=2048, d_model=128, n_encoder_layers=3, n_layers=3, n_heads=4, d_ff=384, max_seq_len=256,
-        norm="rmsnorm", mlp="geglu", pos="relative", attn_scale=1.0, tie_embeddings=False,
+        norm="rmsnorm", mlp="geglu", pos="relative", attn_scale=None, tie_embeddings=False,
     ),
     # GPU lessons: same tokenizer, wider and deeper.
     "decoder-small": dict(
@@ -174,7 +176,7 @@ PRESETS: dict[str, dict] = {
     ),
     "seq2seq-small": dict(
         vocab_size=2048, d_model=512, n_encoder_layers=8, n_layers=8, n_heads=8, head_dim=64, d_ff=1024,
-        max_seq_len=512, norm="rmsnorm", mlp="geglu", pos="relative", attn_scale=1.0, tie_embeddings=False,
+        max_seq_len=512, norm="rmsnorm", mlp="geglu", pos="relative", attn_scale=None, tie_embeddings=False,
     ),
     # Published shapes, for parameter counts and for loading real checkpoints on a GPU.
     "gpt2-124m": dict(

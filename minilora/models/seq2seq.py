@@ -10,6 +10,9 @@ greedy generations are equal on the same weights (see tests/reference/test_hf_mo
 T5 specifics (Raffel et al. 2020, §2.1): RMSNorm without mean or bias, no attention scaling (attn_scale=1.0;
 the 1/sqrt(d) is folded into the initialisation), a learned relative position bias computed once per stack
 and added to every layer's self-attention scores, no position information at all in cross-attention.
+Our seq2seq presets differ in one place: they keep T5's initialisation but also scale attention scores by
+1/sqrt(head_dim) (attn_scale=None), because unscaled attention pretrained much worse at our size
+(data/README.md has the measurement). Models loaded from HF T5 use attn_scale=1.0 and match it exactly.
 With tie_embeddings=True (original T5) the head reuses `shared` and the decoder output is scaled by d_model^-0.5.
 """
 from __future__ import annotations
