@@ -14,7 +14,7 @@ import transformers
 from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
 from minilora.io import load_adapter, lora_state_dict, save_adapter
 from minilora.lora import LoraConfig
-from minilora.models import DecoderLM, get_config
+from minilora.models import DecoderLM, Seq2SeqLM, get_config
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-6
@@ -49,6 +49,17 @@ def tiny_decoder():
     return DecoderLM(cfg).eval()
 
 
+def tiny_seq2seq():
+    cfg = get_config("seq2seq-tiny", vocab_size=64, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4, d_ff=48,
+                     max_seq_len=32)
+    return Seq2SeqLM(cfg).eval()
+
+
+def seq2seq_batch():
+    """Encoder and decoder inputs of different lengths, so self- and cross-attention shapes differ."""
+    return {"input_ids": torch.randint(0, 64, (4, 10)), "decoder_input_ids": torch.randint(0, 64, (4, 7))}
+
+
 CASES = {
     "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 12)),
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -56,12 +67,21 @@ CASES = {
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], lambda: torch.randint(0, 64, (4, 10))),
     "decoder": (tiny_decoder, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 lambda: torch.randint(0, 64, (4, 10))),
+    # q/k/v/o match both self- and cross-attention in the decoder, as with peft on T5-named models
+    "seq2seq": (tiny_seq2seq, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seq2seq_batch),
 }
 
 
 def run(model, x, **kw):
+    if isinstance(x, dict):
+        return model(**x, **kw).logits
     out = model(x, **kw) if not isinstance(x, torch.Tensor) or x.is_floating_point() else model(input_ids=x, **kw)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def example(x, i):
+    """Row i of a batch (a tensor, or a dict of tensors for the encoder-decoder), keeping the batch dim."""
+    return {k: v[i:i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i:i + 1]
 
 
 def rel(a, b):
@@ -122,7 +142,7 @@ def test_matches_peft_outputs_grads_and_merged_weights(case, variant):
             q = peft_params["base_model.model." + k]
             assert p.grad is not None and rel(p.grad, q.grad) <= TOL, k
 
-    if variant == "lora_bias" and case == "decoder" or variant == "lora_bias" and case == "llama":
+    if variant == "lora_bias" and case in ("decoder", "llama", "seq2seq"):
         return  # no base bias to merge a lora_bias into
     merge(ours)
     theirs.merge_adapter()
@@ -152,10 +172,10 @@ def test_several_adapters_and_mixed_batch_match_peft(case):
     assert rel(mixed, run(theirs, x, adapter_names=names)) <= TOL
     for i, n in enumerate(names):  # equal to each example run alone with its adapter
         if n == "__base__":
-            alone = run(base, x[i:i + 1])
+            alone = run(base, example(x, i))
         else:
             set_adapter(ours, n)
-            alone = run(ours, x[i:i + 1])
+            alone = run(ours, example(x, i))
         assert rel(mixed[i:i + 1], alone) <= TOL
 
 
@@ -215,7 +235,7 @@ def test_combination_matches_peft_cat_and_svd(case):
     assert rel(run(ours, x), run(theirs, x)) <= 1e-5  # rank 8 holds the rank<=8 sum exactly
 
 
-@pytest.mark.parametrize("case", ["mlp", "llama", "gpt2", "decoder"])
+@pytest.mark.parametrize("case", ["mlp", "llama", "gpt2", "decoder", "seq2seq"])
 def test_file_round_trips_with_peft(case, tmp_path):
     base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["x"]))
     randomize(ours)
