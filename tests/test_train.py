@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from minilora.inject import inject
+from minilora.lora import LoraConfig
 from minilora.models import DecoderLM, Seq2SeqLM, get_config
 from minilora.tasks import format_prompt, load_task
 from minilora.tokenizer import load_tokenizer
@@ -105,12 +107,15 @@ def test_training_is_deterministic_given_a_seed_and_lowers_the_loss(tok, example
     assert runs[0].steps == [4, 8, 12]
 
 
-def test_gradient_checkpointing_does_not_change_training(tok, examples):
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_does_not_change_training(tok, examples, lora):
     rows = encode_examples(examples, tok)
     losses = []
     for ckpt in (False, True):
         torch.manual_seed(1)
         model = _tiny_decoder(tok.vocab_size)
+        if lora:  # recomputation goes through FrozenLinearWithLora's forward again
+            inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
         cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=1, log_every=1, gradient_checkpointing=ckpt, progress=False)
         losses.append(train(model, rows, cfg, pad_id=tok.pad_id).loss)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
