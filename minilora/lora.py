@@ -285,15 +285,15 @@ class FrozenLinearWithLora(torch.autograd.Function):
         h = nn.functional.linear(x2, lora_A)  # (N, r)
         y = nn.functional.linear(x2, weight, bias)
         y += nn.functional.linear(h, lora_B).mul_(scaling)  # the equation's own operations, so equal bits
-        B_rows = lora_B.t().contiguous()  # (r, out): small, and the faster layout for the backward's GEMMs
-        ctx.save_for_backward(x2, weight, lora_A, B_rows, h)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, h)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x2, weight, lora_A, B_rows, h = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, h = ctx.saved_tensors
+        B_rows = lora_B.t().contiguous()  # (r, out): small, and the faster layout for the GEMM below
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         g_h = (g @ B_rows.t()).mul_(ctx.scaling)  # dL/dh = s * g B, (N, r)
         grad_x = grad_A = grad_B = None

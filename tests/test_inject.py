@@ -9,6 +9,8 @@ from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapt
 from minilora.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
+from adapters import randomize_adapters
+
 
 class Block(nn.Module):
     def __init__(self):
@@ -35,15 +37,6 @@ class Net(nn.Module):
 
 def cfg(**kw):
     return LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], **kw})
-
-
-def randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            if name in layer.lora_A:
-                for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("targets, expected", [
@@ -122,8 +115,8 @@ def test_several_adapters_set_active_and_summed():
     inject(model, cfg(r=2, target_modules=["v_proj"]), "b")
     assert model.lora_active == ["a"]  # a new adapter waits until set_adapter picks it
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".b." in n)
-    randomize(model, "a", 1)
-    randomize(model, "b", 2)
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
     layer = model.layers[0].v_proj
     set_adapter(model, ["a", "b"])
     xin = torch.randn(2, 16)
@@ -140,7 +133,7 @@ def test_disable_adapters_runs_the_base_and_restores():
     model, x = Net(), torch.randn(2, 16)
     y0 = model(x)
     inject(model, cfg())
-    randomize(model, "default", 1)
+    randomize_adapters(model, "default", 1, std=0.2)
     y1 = model(x)
     with disable_adapters(model):
         torch.testing.assert_close(model(x), y0)
@@ -165,7 +158,7 @@ def test_delete_adapter():
 
 def test_model_merge_twice_is_noop_with_warning_and_unmerge_restores():
     model = inject(Net(), cfg())
-    randomize(model, "default", 1)
+    randomize_adapters(model, "default", 1, std=0.2)
     W = {k: v.clone() for k, v in model.state_dict().items()}
     merge(model)
     once = {k: v.clone() for k, v in model.state_dict().items()}
@@ -179,7 +172,7 @@ def test_model_merge_twice_is_noop_with_warning_and_unmerge_restores():
 
 def test_model_safe_merge_touches_no_layer_when_one_is_broken():
     model = inject(Net(), cfg())
-    randomize(model, "default", 1)
+    randomize_adapters(model, "default", 1, std=0.2)
     with torch.no_grad():
         model.layers[1].v_proj.lora_B["default"].weight[0, 0] = float("inf")
     W = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,7 +197,7 @@ def test_merge_and_unload_returns_plain_layers_with_same_outputs():
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 16)
     inject(model, cfg())
-    randomize(model, "default", 1)
+    randomize_adapters(model, "default", 1, std=0.2)
     model.eval()
     y = model(x)
     out = merge_and_unload(model)
@@ -230,8 +223,8 @@ def test_mixed_batch_hook_passes_names_and_clears_them():
     model, x = Net(), torch.randn(3, 16)
     inject(model, cfg(), "a")
     inject(model, cfg(r=2), "b")
-    randomize(model, "a", 1)
-    randomize(model, "b", 2)
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
     model.eval()
     names = ["b", "__base__", "a"]
     mixed = model(x, adapter_names=names)
@@ -273,8 +266,8 @@ def delta(model, name):
 def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
     model = inject(Net(), cfg(r=4), "a")
     inject(model, cfg(r=3, alpha=5, use_rslora=True, target_modules=["q_proj"]), "b")
-    randomize(model, "a", 1)
-    randomize(model, "b", 2)
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
     da, db = delta(model, "a"), delta(model, "b")
     target = {n: 0.6 * da[n] - 1.5 * db.get(n, 0) for n in da}
 

@@ -11,10 +11,12 @@ import torch.nn as nn
 import peft
 import transformers
 
-from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
+from minilora.inject import add_weighted_adapter, inject, merge, set_adapter
 from minilora.io import load_adapter, lora_state_dict, save_adapter
 from minilora.lora import LoraConfig
 from minilora.models import DecoderLM, Seq2SeqLM, get_config
+
+from adapters import randomize_adapters
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-6
@@ -95,15 +97,6 @@ def peft_config(cfg: LoraConfig, fan_in_fan_out=False):
                            fan_in_fan_out=fan_in_fan_out)
 
 
-def randomize(model, name="default", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            if name in layer.lora_A:
-                for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def copy_into_peft(ours, theirs):
     """Our adapter tensors into the peft model: same keys once peft's "base_model.model." prefix is added."""
     sd = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
@@ -129,7 +122,7 @@ def test_matches_peft_outputs_grads_and_merged_weights(case, variant):
     cfg = LoraConfig(r=4, alpha=8, use_rslora=variant == "rslora", dropout=0.3 if variant == "dropout_eval" else 0.0,
                      lora_bias=variant == "lora_bias", target_modules=["x"])
     base, ours, theirs, cfg, x = pair(case, cfg)
-    randomize(ours)
+    randomize_adapters(ours)
     copy_into_peft(ours, theirs)
     ours.eval(), theirs.eval()
     assert rel(run(ours, x), run(theirs, x)) <= TOL
@@ -158,8 +151,8 @@ def test_several_adapters_and_mixed_batch_match_peft(case):
     cfg_b = LoraConfig(**{**cfg.__dict__, "r": 2, "alpha": 3.0, "use_rslora": True})
     inject(ours, cfg_b, "second")
     theirs.add_adapter("second", peft_config(cfg_b, fan_in_fan_out=case == "gpt2"))
-    randomize(ours, "first", seed=1)
-    randomize(ours, "second", seed=2)
+    randomize_adapters(ours, "first", seed=1)
+    randomize_adapters(ours, "second", seed=2)
     copy_into_peft(ours, theirs)
     ours.eval(), theirs.eval()
 
@@ -221,8 +214,8 @@ def test_combination_matches_peft_cat_and_svd(case):
     base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, target_modules=["x"]), "first")
     inject(ours, cfg, "second")
     theirs.add_adapter("second", peft_config(cfg, fan_in_fan_out=case == "gpt2"))
-    randomize(ours, "first", 1)
-    randomize(ours, "second", 2)
+    randomize_adapters(ours, "first", 1)
+    randomize_adapters(ours, "second", 2)
     copy_into_peft(ours, theirs)
     ours.eval(), theirs.eval()
     add_weighted_adapter(ours, ["first", "second"], [0.7, -0.4], "mix", combination_type="cat")
@@ -238,7 +231,7 @@ def test_combination_matches_peft_cat_and_svd(case):
 @pytest.mark.parametrize("case", ["mlp", "llama", "gpt2", "decoder", "seq2seq"])
 def test_file_round_trips_with_peft(case, tmp_path):
     base, ours, theirs, cfg, x = pair(case, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["x"]))
-    randomize(ours)
+    randomize_adapters(ours)
     ours.eval()
     expected = run(ours, x)
 

@@ -1,0 +1,15 @@
+"""Helpers shared by the adapter tests (importable because pyproject puts tests/ on pytest's pythonpath)."""
+
+import torch
+
+from minilora.inject import lora_layers
+
+
+def randomize_adapters(model, name="default", seed=0, std=0.1):
+    """Random A and B for adapter `name` in every LoRA layer: B starts at zero, which would hide mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.lora_A:
+                for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
