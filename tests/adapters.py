@@ -13,3 +13,8 @@ def randomize_adapters(model, name="default", seed=0, std=0.1):
             if name in layer.lora_A:
                 for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def rel_fro(a, b):
+    """||a - b|| / ||b|| in float64: the relative error of a whole tensor, as numerical analysis measures it."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

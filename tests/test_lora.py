@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from minilora.lora import LoraConfig, LoraLayer
 
+from adapters import rel_fro
+
 
 def make_layer(in_f=16, out_f=12, r=4, alpha=8.0, bias=True, **kw):
     layer = LoraLayer(nn.Linear(in_f, out_f, bias=bias))
@@ -290,7 +292,7 @@ def test_fused_node_skips_gradients_of_a_frozen_adapter():
 
 
 @pytest.mark.parametrize("setup", ["trainable_bias", "trainable_weight", "lora_bias", "dropout_train",
-                                   "two_adapters", "half_base", "plain_frozen"])
+                                   "two_adapters", "half_adapter", "switched_off", "plain_frozen", "half_base"])
 def test_other_cases_take_the_equation_path(setup):
     layer = make_layer(lora_bias=setup == "lora_bias", dropout=0.3 if setup == "dropout_train" else 0.0)
     layer.base_layer.weight.requires_grad_(setup == "trainable_weight")
@@ -300,6 +302,36 @@ def test_other_cases_take_the_equation_path(setup):
         layer.active_adapters = ["default", "b"]
     if setup == "half_base":
         layer.base_layer.to(torch.bfloat16)
+    if setup == "half_adapter":  # adapters in lower precision than the base: the equation path casts
+        layer.lora_A.to(torch.bfloat16), layer.lora_B.to(torch.bfloat16)
+    layer.fused = setup != "switched_off"
     x = torch.randn(3, 16, dtype=layer.base_layer.weight.dtype, requires_grad=True)
     fused = type(layer(x).grad_fn).__name__ == "FrozenLinearWithLoraBackward"
-    assert fused == (setup == "plain_frozen")  # only the plain frozen case is fused
+    assert fused == (setup in ("plain_frozen", "half_base"))  # only these are fused
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_node_on_a_half_base_is_as_accurate_as_the_equation(dtype):
+    """fp32 adapters on a half-precision base: the node runs the update in half precision (as autocast would),
+    the equation path in fp32. Both are measured against float64 on the same rounded inputs."""
+    layer = frozen_layer(in_f=64, out_f=48, r=8)
+    layer.base_layer.to(dtype)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    x = torch.randn(6, 10, 64).to(dtype).requires_grad_()
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "FrozenLinearWithLoraBackward" and fused.dtype == dtype
+    layer.fused = False
+    equation = layer(x)
+    assert equation.dtype == dtype and torch.equal(equation, (layer.base_layer(x).float() + (x.float() @ A.T) @ B.T * s).to(dtype))
+
+    W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    exact = x64 @ W.T + b + s * (x64 @ A64.T) @ B64.T
+    assert rel_fro(fused, exact) <= 2 * rel_fro(equation, exact)
+
+    upstream = torch.randn_like(exact).to(dtype)
+    got = torch.autograd.grad(fused, [x, A, B], upstream)
+    want = torch.autograd.grad(exact, [x64, A64, B64], upstream.double())
+    assert [g.dtype for g in got] == [dtype, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        assert rel_fro(g, w) <= 1e-2  # half-precision products: about 3e-3 in bf16, 4e-4 in fp16
