@@ -10,10 +10,14 @@ plain medians.
   peft LoRA      peft.get_peft_model with the same config, same optimizer
   full FT        every weight trains, AdamW on all of them (timed in its own rounds against the floor)
   base / merged  inference (eval, no_grad) of the base vs the model after minilora.merge (LoRA layers still in place)
+  --plain        adds minilora with its fused autograd node switched off (the equation path), to see what the node buys
+
+On a GPU the clock is read after torch.cuda.synchronize(), so each time covers the device's work.
 
     python bench/lora_step.py            # decoder-small-sized model
     python bench/lora_step.py --quick    # smaller model and fewer repeats, under a minute on 2 cores
     python bench/lora_step.py --d-model 2048 --layers 2 --repeats 8   # how the ratios move with width
+    python bench/lora_step.py --preset llama-1b --dtype bfloat16 --batch 8 --seq 512   # a GPU-sized model
 """
 
 import argparse
@@ -24,15 +28,16 @@ from functools import partial
 
 import torch
 
-from minilora.inject import inject, merge, merge_and_unload
+from minilora.inject import inject, lora_layers, merge, merge_and_unload
 from minilora.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(quick: bool, d_model: int | None = None, n_layers: int | None = None):
-    """decoder-small, our Llama-style DecoderLM (peft wraps it by its Llama module names).
+def build_model(preset: str, quick: bool, d_model: int | None = None, n_layers: int | None = None,
+                device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A preset of our Llama-style DecoderLM (peft wraps it by its Llama module names), built on `device`.
     `d_model` scales its shapes (heads of 64, half as many KV heads, d_ff = 3 d_model)."""
     size = dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768) if quick else {}
     if d_model:
@@ -40,7 +45,9 @@ def build_model(quick: bool, d_model: int | None = None, n_layers: int | None = 
     if n_layers:
         size["n_layers"] = n_layers
     shape = ", ".join(f"{k}={v}" for k, v in size.items() if k in ("d_model", "n_layers", "d_ff"))
-    return DecoderLM(get_config("decoder-small", **size)), "DecoderLM decoder-small" + (f" ({shape})" if shape else "")
+    with torch.device(device):
+        model = DecoderLM(get_config(preset, **size)).to(dtype)
+    return model, f"DecoderLM {preset}" + (f" ({shape})" if shape else "")
 
 
 def loss_of(model, ids):
@@ -53,6 +60,11 @@ def rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
     """One warm-up call each (allocator, optimizer state), then `rounds` rounds of one call each, rotated."""
     for fn in fns.values():
@@ -60,8 +72,10 @@ def timed_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
     times = {k: [] for k in fns}
     for i in range(rounds):
         for name in rotated(list(fns), i):
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -86,6 +100,11 @@ def make_train_step(model, params):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preset", default="decoder-small", help="decoder preset to build (e.g. llama-1b on a GPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the base's dtype; adapters stay fp32 as in peft")
+    ap.add_argument("--plain", action="store_true", help="also time minilora with the fused node switched off")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--targets", default=",".join(ALL_LINEAR))
     ap.add_argument("--batch", type=int, default=None)
@@ -102,11 +121,11 @@ def main():
     import peft
 
     torch.manual_seed(0)
-    base, desc = build_model(args.quick, args.d_model, args.layers)
+    base, desc = build_model(args.preset, args.quick, args.d_model, args.layers, args.device, getattr(torch, args.dtype))
     base.train()
     targets = args.targets.split(",")
     cfg = LoraConfig(r=args.r, alpha=2 * args.r, target_modules=targets)
-    ids = torch.randint(3, 2048, (batch, seq))
+    ids = torch.randint(3, base.config.vocab_size, (batch, seq), device=args.device)
 
     ours = inject(copy.deepcopy(base), cfg)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets))
@@ -118,16 +137,25 @@ def main():
     floor.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
 
     floor_name, ours_name, peft_name = "frozen floor (fwd + input-grad bwd)", f"minilora LoRA r={args.r}", f"peft LoRA r={args.r}"
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     steps = {
         floor_name: make_train_step(floor, []),
-        ours_name: make_train_step(ours, [p for p in ours.parameters() if p.requires_grad]),
-        peft_name: make_train_step(theirs, [p for p in theirs.parameters() if p.requires_grad]),
+        ours_name: make_train_step(ours, trainable(ours)),
+        peft_name: make_train_step(theirs, trainable(theirs)),
     }
+    plain = inject(copy.deepcopy(base), cfg) if args.plain else None  # its own copy and optimizer state
+    if plain is not None:
+        for layer in lora_layers(plain).values():
+            layer.fused = False
+        steps[f"minilora LoRA r={args.r}, equation path"] = make_train_step(plain, trainable(plain))
     times = timed_rounds({k: partial(fn, ids) for k, fn in steps.items()}, repeats)
     # full fine-tuning in rounds of its own against the floor: gradients and AdamW state for every weight
     # churn memory, which would add noise to the LoRA comparison above if it ran between those steps
     full_times = timed_rounds({floor_name: partial(steps[floor_name], ids),
                                "full fine-tuning": partial(make_train_step(full, list(full.parameters())), ids)}, repeats)
+    del full, theirs, plain, steps  # free their weights, gradients and optimizer states before timing inference
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
     # inference: base vs minilora merged (LoRA wrappers still in the model) vs merged-and-unloaded
     base.eval()
@@ -140,8 +168,9 @@ def main():
 
     med = {k: statistics.median(v) for k, v in {**times, **full_times, **itimes}.items()}
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"model: {desc}, {n_params / 1e6:.1f}M params; batch {batch}x{seq}; targets {targets}; "
-          f"torch threads {torch.get_num_threads()}; {repeats} rounds (inference {3 * repeats})")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, torch threads {torch.get_num_threads()}"
+    print(f"model: {desc}, {n_params / 1e6:.1f}M params, {args.dtype}; batch {batch}x{seq}; targets {targets}; "
+          f"{where}; torch {torch.__version__}, peft {peft.__version__}; {repeats} rounds (inference {3 * repeats})")
     print("ratios are medians over rounds of the ratio within a round, so a slow spell of the machine cancels out")
     print(f"{'variant':<40} {'median ms':>10} {'/ floor':>8} {'/ peft':>8}")
     for name in times:
@@ -154,6 +183,7 @@ def main():
     print(f"LoRA/frozen-floor ratio: {ratio(times, ours_name, floor_name):.3f}")
     print(f"minilora/peft step ratio: {ratio(times, ours_name, peft_name):.3f}")
     print(f"merged/base inference ratio: {ratio(itimes, 'merged inference (LoRA layers kept)', 'base inference'):.3f}")
+
 
 if __name__ == "__main__":
     main()
