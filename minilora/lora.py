@@ -208,11 +208,13 @@ class LoraLayer(nn.Module):
         if self.batch_adapter_names is not None:
             result = self.base_layer(x, *args, **kwargs)
             return result + self.mixed_batch_delta(x, self.batch_adapter_names).to(result.dtype)
-        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
-        if self.merged and self.training and torch.is_grad_enabled() and any(
+        if self.merged_adapters and self.training and torch.is_grad_enabled() and any(
                 p.requires_grad for n in self.merged_adapters for p in self.lora_A[n].parameters()):
             raise RuntimeError("this LoRA layer is merged, so its adapters get no gradient; call unmerge(model) "
                                "before training, or model.eval() / torch.no_grad() for inference.")
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if not pending:  # merged (or nothing active): the base layer alone, W' x
+            return self.base_layer(x, *args, **kwargs)
         if self.fused and len(pending) == 1 and not args and not kwargs and self.fusable(pending[0], x):
             name = pending[0]
             return FrozenLinearWithLora.apply(x, self.base_layer.weight, self.base_layer.bias,
