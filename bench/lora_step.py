@@ -1,6 +1,9 @@
 """LoRA training-step and merged-inference cost, measured against peft and the base model in one run.
 
-Every variant starts from the same base weights and sees the same batch. Each round runs every variant once,
+Every variant starts from the same base weights and sees the same batch. The frozen variants (floor, minilora,
+peft, base and merged inference) share the very same weight tensors: two deep copies of one model, run on the
+same input, differ by up to 2.5% on our 2-core VM from where their weights happen to lie in memory, which is
+as large as the differences measured here. Each round runs every variant once,
 starting from a different one each round (1 2 3, 2 3 1, ...); a ratio is the median over rounds of the
 ratio within a round, so a slow spell of a shared machine hits both sides of it alike. Milliseconds are
 plain medians.
@@ -9,10 +12,15 @@ plain medians.
   minilora LoRA  minilora.inject, AdamW on the adapter parameters
   peft LoRA      peft.get_peft_model with the same config, same optimizer
   full FT        every weight trains, AdamW on all of them (timed in its own rounds against the floor)
-  base / merged  inference (eval, no_grad) of the base vs the model after minilora.merge (LoRA layers still in place)
+  base / merged  inference (eval, no_grad) of the base vs the model after minilora.merge (LoRA layers still in place),
+                 on the same weight tensors, so the ratio is the cost of the wrapper alone
   --plain        adds minilora with its fused autograd node switched off (the equation path), to see what the node buys
 
 On a GPU the clock is read after torch.cuda.synchronize(), so each time covers the device's work.
+
+The run also counts the matrix-product FLOPs of one LoRA step and one floor step (torch.utils.flop_counter):
+their ratio is what LoRA/floor would be if the rank-r products ran at the base GEMMs' rate, the bound that
+no implementation of the same equation goes below.
 
     python bench/lora_step.py            # decoder-small-sized model
     python bench/lora_step.py --quick    # smaller model and fewer repeats, under a minute on 2 cores
@@ -48,6 +56,22 @@ def build_model(preset: str, quick: bool, d_model: int | None = None, n_layers: 
     with torch.device(device):
         model = DecoderLM(get_config(preset, **size)).to(dtype)
     return model, f"DecoderLM {preset}" + (f" ({shape})" if shape else "")
+
+
+def sharing_weights(model):
+    """A copy of `model` whose parameters are the original's own tensors (modules and buffers are copied)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def matmul_flops(model, ids) -> int:
+    """FLOPs of the matrix products in one forward + backward (the fused node's in-place GEMMs are invisible
+    to the counter, so count a model on the equation path: the same products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, ids).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def loss_of(model, ids):
@@ -127,12 +151,11 @@ def main():
     cfg = LoraConfig(r=args.r, alpha=2 * args.r, target_modules=targets)
     ids = torch.randint(3, base.config.vocab_size, (batch, seq), device=args.device)
 
-    ours = inject(copy.deepcopy(base), cfg)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets))
-    full = copy.deepcopy(base)
-    floor = copy.deepcopy(base)
-    for p in floor.parameters():
-        p.requires_grad_(False)
+    full = copy.deepcopy(base)  # its own weights: they train
+    base.requires_grad_(False)
+    ours = inject(sharing_weights(base), cfg)
+    theirs = peft.get_peft_model(sharing_weights(base), peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets))
+    floor = sharing_weights(base)
     # gradients flow back to the embeddings' output, through every layer, with no weight gradients
     floor.model.embed_tokens.register_forward_hook(lambda m, i, out: out.requires_grad_())
 
@@ -143,10 +166,11 @@ def main():
         ours_name: make_train_step(ours, trainable(ours)),
         peft_name: make_train_step(theirs, trainable(theirs)),
     }
-    plain = inject(copy.deepcopy(base), cfg) if args.plain else None  # its own copy and optimizer state
-    if plain is not None:
-        for layer in lora_layers(plain).values():
-            layer.fused = False
+    plain = inject(sharing_weights(base), cfg)  # the equation path: its own adapters and optimizer state
+    for layer in lora_layers(plain).values():
+        layer.fused = False
+    flop_ratio = matmul_flops(plain, ids) / matmul_flops(floor, ids)
+    if args.plain:
         steps[f"minilora LoRA r={args.r}, equation path"] = make_train_step(plain, trainable(plain))
     times = timed_rounds({k: partial(fn, ids) for k, fn in steps.items()}, repeats)
     # full fine-tuning in rounds of its own against the floor: gradients and AdamW state for every weight
@@ -157,11 +181,13 @@ def main():
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
 
-    # inference: base vs minilora merged (LoRA wrappers still in the model) vs merged-and-unloaded
+    # inference: base vs minilora merged (LoRA wrappers still in the model) vs merged-and-unloaded, all three on
+    # the same weight tensors (merging writes W + dW into them, which changes no timing), so the ratio is the
+    # wrapper's cost and not where two copies of the weights lie in memory
     base.eval()
     merged = ours.eval()
     merge(merged)
-    unloaded = merge_and_unload(copy.deepcopy(merged))
+    unloaded = merge_and_unload(sharing_weights(merged))
     infer = {"base inference": base, "merged inference (LoRA layers kept)": merged, "merge_and_unload inference": unloaded}
     with torch.no_grad():
         itimes = timed_rounds({k: partial(m, input_ids=ids) for k, m in infer.items()}, 3 * repeats)
@@ -180,6 +206,7 @@ def main():
           f"{full_floor / ratio(times, peft_name, floor_name):>8.3f}")
     for name in itimes:
         print(f"{name:<40} {1e3 * med[name]:>10.1f} {'':>8} {'':>8}   / base {ratio(itimes, name, 'base inference'):.3f}")
+    print(f"LoRA/floor in matrix-product FLOPs: {flop_ratio:.3f} (the ratio if the rank-{args.r} products ran at the base GEMMs' rate)")
     print(f"LoRA/frozen-floor ratio: {ratio(times, ours_name, floor_name):.3f}")
     print(f"minilora/peft step ratio: {ratio(times, ours_name, peft_name):.3f}")
     print(f"merged/base inference ratio: {ratio(itimes, 'merged inference (LoRA layers kept)', 'base inference'):.3f}")
