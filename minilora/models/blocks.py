@@ -24,24 +24,30 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · g   (Zhang & Sennrich 2019; no mean subtraction, no bias)."""
+    """y = x / sqrt(mean(x²) + eps) · g   (Zhang & Sennrich 2019; no mean subtraction, no bias).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    The mean square is taken in fp32 so that bf16/fp16 activations do not lose the small variances. Llama
+    (LlamaRMSNorm) also scales x in fp32; T5 (T5LayerNorm, `scale_in_input_dtype=True`) scales x in its own
+    dtype. The two give the same bits for fp32, bf16 and fp16 inputs and differ only for float64 ones, where
+    each follows its reference (the float64 reference tests see the difference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, scale_in_input_dtype: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.scale_in_input_dtype = scale_in_input_dtype
 
     def forward(self, x):
         dtype = x.dtype
-        # fp32 so that bf16/fp16 activations do not lose the small variances
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        if not self.scale_in_input_dtype:
+            x = x.float()
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, eps=config.norm_eps)
+        return RMSNorm(config.d_model, eps=config.norm_eps, scale_in_input_dtype=config.is_seq2seq)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
@@ -227,7 +233,8 @@ def attention_reference(q, k, v, attn_bias, scale):
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T_k)
     if attn_bias is not None:
         scores = scores + attn_bias
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, nh, T, hs)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # at least fp32
+    return probs.to(q.dtype) @ v  # (B, nh, T, hs)
 
 
 def gelu_tanh(x):

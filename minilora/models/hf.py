@@ -258,9 +258,3 @@ def from_hf_gpt2(hf_model) -> DecoderLM:
             state[f"{ours}.{b}.weight"], state[f"{ours}.{b}.bias"] = hf[f"{h}.{a}.weight"], hf[f"{h}.{a}.bias"]
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     return model.to(next(hf_model.parameters()).dtype)
-
-
-@torch.no_grad()
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest elementwise |a - b| (the number the reference tests assert on)."""
-    return (a.float() - b.float()).abs().max().item()

@@ -156,8 +156,10 @@ class Seq2SeqLM(nn.Module):
         logits, cache = self.decode(decoder_input_ids, encoder_outputs, attention_mask, past_key_values, use_cache)
         loss = None
         if labels is not None:
+            # at least fp32, as T5ForConditionalGeneration (which keeps float64 logits in float64)
+            logits_for_loss = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+                logits_for_loss.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
             )
         return LMOutput(logits=logits, loss=loss, past_key_values=cache, encoder_hidden_states=encoder_outputs)
 
