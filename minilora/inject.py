@@ -9,7 +9,8 @@ them, combining them, and counting trainable parameters.
 Mixed batches: after `inject`, `model(x, adapter_names=["a", "__base__", "b", ...])` runs example i through
 adapter names[i] ("__base__" means no adapter). The model itself knows nothing about adapters: a forward
 pre-hook on the root module takes `adapter_names` out of the kwargs, hands it to every LoRA layer, and a
-forward hook that also runs when the forward raises clears it again.
+forward hook that also runs when the forward raises clears it again. `generate()` of minilora's models passes
+extra keyword arguments to every forward call, so `model.generate(ids, n, adapter_names=[...])` works too.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .lora import LoraConfig, LoraLayer, in_out_features, is_conv1d
+from .lora import LoraConfig, LoraLayer, at_least_fp32, in_out_features, is_conv1d
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch, as in peft
 
@@ -323,13 +324,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         if not present:
             continue
         if combination_type == "cat":
-            A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].weight.float() for a, w in present], dim=0)
-            B = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
+            A = torch.cat([w * layer.scaling[a] * at_least_fp32(layer.lora_A[a].weight) for a, w in present], dim=0)
+            B = torch.cat([at_least_fp32(layer.lora_B[a].weight) for a, _ in present], dim=1)
             A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])])  # pad when some adapter skips this layer
             B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], dim=1)
             errors[lname] = 0.0
         else:
-            delta = sum(w * layer.scaling[a] * (layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float())
+            delta = sum(w * layer.scaling[a] * (at_least_fp32(layer.lora_B[a].weight) @ at_least_fp32(layer.lora_A[a].weight))
                         for a, w in present)  # (out, in)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             k = min(rank, S.numel())

@@ -79,6 +79,11 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision goes to fp32, fp32 and float64 stay as they are: the precision updates are formed in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's `transformers.pytorch_utils.Conv1D`: a linear layer whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -151,7 +156,7 @@ class LoraLayer(nn.Module):
     def pissa_init(self, name: str) -> None:
         """PiSSA (Meng et al. 2024, eq. 2-4): W = U S V^T, A = sqrt(S_r) V_r^T, B = U_r sqrt(S_r), W_res = W - B A."""
         r, s = self.r[name], self.scaling[name]
-        W = self.base_weight_out_in().float()  # (out, in)
+        W = at_least_fp32(self.base_weight_out_in())  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         S_r = S[:r] / s  # so that scaling * B A reproduces the top-r part exactly
         A = torch.diag(S_r.sqrt()) @ Vh[:r]  # (r, in)
@@ -162,19 +167,20 @@ class LoraLayer(nn.Module):
         self.base_layer.weight.data = (W_res.T if self.fan_in_fan_out else W_res).to(self.base_layer.weight.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """Delta W = scaling * B A in fp32, shaped like the stored base weight."""
-        delta = self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+        """Delta W = scaling * B A in at least fp32, shaped like the stored base weight."""
+        delta = self.scaling[name] * (at_least_fp32(self.lora_B[name].weight) @ at_least_fp32(self.lora_A[name].weight))
         return delta.T if self.fan_in_fan_out else delta
 
     def merged_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + Delta W (and bias + scaling * b_B), added in fp32 then cast back to the base dtype."""
+        """W + Delta W (and bias + scaling * b_B), added in at least fp32 then cast back to the base dtype."""
         base = self.base_layer
-        weight = (base.weight.float() + self.delta_weight(name)).to(base.weight.dtype)
+        weight = (at_least_fp32(base.weight) + self.delta_weight(name)).to(base.weight.dtype)
         bias = None
         if self.lora_B[name].bias is not None:
             if base.bias is None:
                 raise RuntimeError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
-            bias = (base.bias.float() + self.scaling[name] * self.lora_B[name].bias.float()).to(base.bias.dtype)
+            bias = at_least_fp32(base.bias) + self.scaling[name] * at_least_fp32(self.lora_B[name].bias)
+            bias = bias.to(base.bias.dtype)
         return weight, bias
 
     @torch.no_grad()
@@ -197,9 +203,9 @@ class LoraLayer(nn.Module):
         base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data.copy_((base.weight.float() - self.delta_weight(name)).to(base.weight.dtype))
+            base.weight.data.copy_((at_least_fp32(base.weight) - self.delta_weight(name)).to(base.weight.dtype))
             if self.lora_B[name].bias is not None:
-                b = base.bias.float() - self.scaling[name] * self.lora_B[name].bias.float()
+                b = at_least_fp32(base.bias) - self.scaling[name] * at_least_fp32(self.lora_B[name].bias)
                 base.bias.data.copy_(b.to(base.bias.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

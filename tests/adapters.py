@@ -18,3 +18,15 @@ def randomize_adapters(model, name="default", seed=0, std=0.1):
 def rel_fro(a, b):
     """||a - b|| / ||b|| in float64: the relative error of a whole tensor, as numerical analysis measures it."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def assert_close_fp32(got, want, rtol=1e-5):
+    """got == want up to float32 rounding: max |got - want| <= rtol * max |want|.
+
+    The default, 1e-5 of the tensor's scale, is about 100 float32 ulps: room for any summation order (thread
+    count, CPU kernel) at the reduction lengths these tests use (eps * sqrt(n) < 1e-6 for n < 10^3), and far
+    below what a wrong formula changes."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} x scale {scale:.3g}"

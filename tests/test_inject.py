@@ -1,5 +1,8 @@
 """Model-level LoRA: target matching, freezing, several adapters, mixed batches, merging, combining, counting."""
 
+import copy
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +12,7 @@ from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapt
 from minilora.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
-from adapters import randomize_adapters
+from adapters import assert_close_fp32, randomize_adapters
 
 
 class Block(nn.Module):
@@ -49,6 +52,36 @@ def test_target_matching_exact_suffix_and_regex(targets, expected):
     assert set(lora_layers(model)) == expected
 
 
+@pytest.mark.parametrize("targets, exclude, expected", [
+    (["q_proj", "v_proj"], ["layers.0.q_proj"], {"layers.1.q_proj", "layers.0.v_proj", "layers.1.v_proj"}),
+    (r".*_proj", ["v_proj"], {"layers.0.q_proj", "layers.1.q_proj"}),  # a suffix, as in target_modules
+    (["q_proj", "v_proj"], r"layers\.1\..*", {"layers.0.q_proj", "layers.0.v_proj"}),  # one full-match regex
+    (r".*_proj", ("layers.0.v_proj", "layers.1.v_proj"), {"layers.0.q_proj", "layers.1.q_proj"}),  # tuple = list
+])
+def test_exclude_modules_wins_over_target_modules(targets, exclude, expected):
+    model = inject(Net(), cfg(target_modules=targets, exclude_modules=exclude))
+    assert set(lora_layers(model)) == expected
+    assert type(model.layers[0].norm) is nn.LayerNorm and type(model.head) is nn.Linear
+
+
+def test_exclude_modules_suffix_needs_a_whole_name_part():
+    model = inject(Net(), cfg(exclude_modules=["proj"]))  # "proj" is no module's last name part
+    assert len(lora_layers(model)) == 4
+
+
+def test_excluding_every_match_of_a_target_is_an_error_that_says_so():
+    model = Net()
+    with pytest.raises(ValueError, match=r"\['v_proj'\] match no module of Net \(after exclude_modules\)"):
+        inject(model, cfg(exclude_modules=["layers.0.v_proj", "layers.1.v_proj"]))
+    assert not lora_layers(model)
+
+
+def test_a_regex_target_that_matches_nothing_is_named():
+    pattern = r"layers\.9\.q_proj"
+    with pytest.raises(ValueError, match=re.escape(str([pattern]) + " match no module of Net.")):
+        inject(Net(), cfg(target_modules=pattern))
+
+
 def test_suffix_match_needs_a_whole_name_part():
     with pytest.raises(ValueError, match="match no module"):
         inject(Net(), cfg(target_modules=["proj"]))
@@ -78,7 +111,7 @@ def test_outputs_unchanged_at_init_and_only_adapters_train():
     model, x = Net(), torch.randn(3, 5, 16)
     y0 = model(x)
     inject(model, cfg())
-    assert torch.equal(model(x), y0)
+    assert torch.equal(model(x), y0)  # B = 0: exact zeros added to the same base products
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
     model(x).sum().backward()
@@ -100,6 +133,32 @@ def test_bias_options_choose_trainable_biases():
     model = inject(Net(), cfg(bias="all"))
     assert model.head.bias.requires_grad and model.layers[1].norm.bias.requires_grad
     assert not model.head.weight.requires_grad
+
+
+def test_bias_all_trains_base_biases_but_not_the_lora_biases_of_inactive_adapters():
+    model = inject(Net(), cfg(bias="all"), "a")
+    inject(model, cfg(lora_bias=True), "b")  # inactive: its B biases stay frozen like the rest of b
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".lora_B.b." in n for n in trainable)
+    assert "layers.0.q_proj.base_layer.bias" in trainable and "layers.0.norm.bias" in trainable
+
+
+def test_a_model_without_adapters_has_none_to_set_or_merge():
+    with pytest.raises(ValueError, match=r"unknown adapter 'x'; this model has \[\]"):
+        set_adapter(Net(), "x")
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="nothing to do"):
+        merge(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", [3, "", "my.adapter", "__base__"])
+def test_adapter_names_must_be_plain_non_empty_strings(name):
+    model = Net()
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string without '.'"):
+        inject(model, cfg(), name)
+    assert not lora_layers(model)
 
 
 def test_injecting_twice_with_the_same_name_raises():
@@ -141,19 +200,59 @@ def test_disable_adapters_runs_the_base_and_restores():
     model.eval()
     merge(model)
     with disable_adapters(model):  # merged layers are taken apart for the block and merged back after
-        torch.testing.assert_close(model(x), y0, atol=1e-6, rtol=1e-6)
+        assert_close_fp32(model(x), y0)  # W restored up to an ulp by unmerging
     assert all(layer.merged for layer in lora_layers(model).values())
-    torch.testing.assert_close(model(x), y1, atol=1e-6, rtol=1e-6)
+    assert_close_fp32(model(x), y1)  # W' x against W x + s B (A x): one sum in two orders
 
 
-def test_delete_adapter():
-    model = inject(Net(), cfg(), "a")
-    inject(model, cfg(), "b")
+def test_delete_adapter_removes_every_trace_of_it():
+    model = inject(Net(), cfg(dropout=0.1), "a")
+    inject(model, cfg(r=2), "b")
     delete_adapter(model, "a")
-    assert all("a" not in layer.lora_A for layer in lora_layers(model).values())
+    for layer in lora_layers(model).values():
+        for table in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.r, layer.scaling):
+            assert list(table) == ["b"]
+        assert layer.active_adapters == []
     assert model.lora_active == [] and set(model.lora_configs) == {"b"}
+    assert not any(".a." in n for n, _ in model.named_parameters())
     with pytest.raises(ValueError, match="unknown adapter"):
         delete_adapter(model, "a")
+
+
+def test_forward_after_deleting_the_active_adapter_is_the_base_then_the_other_adapter():
+    torch.manual_seed(0)
+    base, x = Net(), torch.randn(3, 16)
+    model = inject(copy.deepcopy(base), cfg(), "a")
+    inject(model, cfg(r=2), "b")
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
+    delete_adapter(model, "a")  # the only active one
+    assert model.lora_active == []
+    assert torch.equal(model(x), base(x))  # nothing active: every LoRA layer runs its base layer alone
+    set_adapter(model, "b")
+    expected = copy.deepcopy(model)
+    merge_and_unload(expected)  # W + dW_b, by another route
+    assert_close_fp32(model(x), expected(x))
+
+
+def test_deleting_one_adapter_keeps_the_other_active():
+    model = inject(Net(), cfg(), "a")
+    inject(model, cfg(), "b")
+    set_adapter(model, ["b", "a"])
+    delete_adapter(model, "b")
+    assert model.lora_active == ["a"]
+    assert all(layer.active_adapters == ["a"] for layer in lora_layers(model).values())
+
+
+def test_deleting_a_merged_adapter_raises_and_keeps_it():
+    model = inject(Net(), cfg(), "a")
+    inject(model, cfg(), "b")
+    merge(model, ["a"])
+    with pytest.raises(ValueError, match="adapter 'a' is merged; call unmerge"):
+        delete_adapter(model, "a")
+    assert "a" in model.lora_configs and all("a" in layer.lora_A for layer in lora_layers(model).values())
+    delete_adapter(model, "b")  # an adapter that is not merged can go
+    assert set(model.lora_configs) == {"a"}
 
 
 def test_model_merge_twice_is_noop_with_warning_and_unmerge_restores():
@@ -164,10 +263,10 @@ def test_model_merge_twice_is_noop_with_warning_and_unmerge_restores():
     once = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning, match="already merged"):
         merge(model)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in once.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in once.items())  # nothing recomputed
     unmerge(model)
-    for k, v in W.items():
-        torch.testing.assert_close(model.state_dict()[k], v, atol=1e-7, rtol=0)
+    for k, v in W.items():  # (W + dW) - dW: elementwise fp32, within an ulp of |W + dW| < 1
+        torch.testing.assert_close(model.state_dict()[k], v, atol=2.5e-7, rtol=0)
 
 
 def test_model_safe_merge_touches_no_layer_when_one_is_broken():
@@ -204,18 +303,32 @@ def test_merge_and_unload_returns_plain_layers_with_same_outputs():
     assert out is model and not lora_layers(model)
     assert type(model.layers[0].q_proj) is nn.Linear
     assert not hasattr(model, "lora_configs") and not model._forward_pre_hooks and not model._forward_hooks
-    torch.testing.assert_close(model(x), y, atol=1e-6, rtol=1e-6)
+    assert not hasattr(model, "lora_active")
+    assert_close_fp32(model(x), y)  # merged weights: the same sums in another order
 
 
 def test_merge_and_unload_of_a_copy_leaves_the_original_working():
-    import copy
-
+    torch.manual_seed(0)
     model = inject(Net(), cfg(), "a").eval()
-    inject(model, cfg(), "b")
-    unloaded = merge_and_unload(copy.deepcopy(model))
-    assert not unloaded._forward_pre_hooks
+    inject(model, cfg(r=2), "b")
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
     x = torch.randn(2, 16)
-    model(x, adapter_names=["a", "b"])  # the original still takes adapter_names
+    alone = []
+    for i, n in enumerate(["a", "b"]):  # each example with its adapter, without adapter_names
+        set_adapter(model, n)
+        alone.append(model(x[i:i + 1]))
+    set_adapter(model, "a")
+    unloaded = merge_and_unload(copy.deepcopy(model))
+    assert not unloaded._forward_pre_hooks and not unloaded._forward_hooks
+    assert not unloaded._forward_pre_hooks_with_kwargs and not unloaded._forward_hooks_always_called
+    with pytest.raises(TypeError):
+        unloaded(x, adapter_names=["a", "b"])  # a plain model again: Net.forward takes no adapter_names
+    assert_close_fp32(unloaded(x[:1]), alone[0])  # W + dW_a merged
+    mixed = model(x, adapter_names=["a", "b"])  # the original still takes adapter_names
+    assert_close_fp32(mixed[:1], alone[0])
+    assert_close_fp32(mixed[1:], alone[1])
+    assert lora_layers(model) and model.lora_active == ["a"]
 
 
 def test_mixed_batch_hook_passes_names_and_clears_them():
@@ -236,7 +349,24 @@ def test_mixed_batch_hook_passes_names_and_clears_them():
         else:
             set_adapter(model, n)
             alone = model(x[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-6, rtol=1e-6)
+        assert_close_fp32(mixed[i:i + 1], alone)  # batched (bmm) against one example: another summation order
+
+
+def test_mixed_batch_of_base_rows_only_is_the_base_model():
+    torch.manual_seed(0)
+    base, x = Net(), torch.randn(3, 16)
+    model = inject(copy.deepcopy(base), cfg(), "a").eval()
+    inject(model, cfg(r=2, target_modules=["v_proj"]), "b")
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
+    out = model(x, adapter_names=["__base__"] * 3)
+    assert_close_fp32(out, base(x))
+    assert out.dtype == torch.float32
+    # q_proj has no adapter "b": there it runs the base alone, while v_proj adds b's update
+    mixed = model(x, adapter_names=["b", "__base__", "b"])
+    set_adapter(model, "b")
+    assert_close_fp32(mixed[[0, 2]], model(x[[0, 2]]))
+    assert_close_fp32(mixed[1], base(x[1]))
 
 
 def test_mixed_batch_names_are_cleared_after_an_exception():
@@ -252,6 +382,9 @@ def test_mixed_batch_errors():
     with pytest.raises(ValueError, match="model.eval"):
         model(torch.randn(2, 16), adapter_names=["default", "default"])
     model.eval()
+    with pytest.raises(TypeError, match="one name per example"):
+        model(torch.randn(2, 16), adapter_names="default")
+    model(torch.randn(2, 16), adapter_names=("default", "__base__"))  # any sequence of names
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
         model(torch.randn(2, 16), adapter_names=["default", "nope"])
     merge(model)
@@ -260,7 +393,9 @@ def test_mixed_batch_errors():
 
 
 def delta(model, name):
-    return {n: layer.delta_weight(name) for n, layer in lora_layers(model).items() if name in layer.lora_A}
+    """scaling * B A of adapter `name` in each layer, in float64 from the stored tensors."""
+    return {n: layer.scaling[name] * layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
+            for n, layer in lora_layers(model).items() if name in layer.lora_A}
 
 
 def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
@@ -274,8 +409,9 @@ def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
     errors = add_weighted_adapter(model, ["a", "b"], [0.6, -1.5], "cat")
     assert errors == {n: 0.0 for n in da}
     for n, d in delta(model, "cat").items():
-        torch.testing.assert_close(d, target[n], atol=1e-6, rtol=1e-5)
-    assert model.lora_configs["cat"].r == 7
+        assert_close_fp32(d, target[n])  # w_i s_i A_i is rounded to fp32 once
+    assert model.lora_configs["cat"].r == 7 and model.lora_configs["cat"].scaling == 1.0
+    assert model.lora_active == ["a"]  # the new adapter waits for set_adapter, like any added one
 
     errors = add_weighted_adapter(model, ["a", "b"], [0.6, -1.5], "svd2", combination_type="svd", svd_rank=2)
     for n, d in delta(model, "svd2").items():
@@ -293,7 +429,7 @@ def test_decoder_lm_inject_train_step_and_merge():
     ids = torch.randint(0, 128, (2, 12))
     y0 = model(ids).logits
     inject(model, cfg(target_modules=["q_proj", "v_proj", "down_proj"]))
-    assert torch.equal(model(ids).logits, y0)
+    assert torch.equal(model(ids).logits, y0)  # B = 0: exact zeros added to the same base products
     report = trainable_report(model, verbose=False)
     q, v, down = 4 * 32 + 32 * 4, 4 * 32 + 16 * 4, 4 * 64 + 32 * 4  # A (r x in) + B (out x r); v is GQA: 2 kv heads x 8
     assert report.trainable == 2 * (q + v + down)
@@ -311,3 +447,120 @@ def test_decoder_lm_inject_train_step_and_merge():
     torch.testing.assert_close(model(ids, adapter_names=["default", "__base__"]).logits[1], y0[1], atol=1e-5, rtol=1e-5)
     merge_and_unload(model)
     torch.testing.assert_close(model(ids).logits, y, atol=1e-5, rtol=1e-5)
+
+
+def tiny_lm(kind):
+    from minilora.models import Seq2SeqLM
+
+    torch.manual_seed(0)
+    if kind == "decoder":
+        return DecoderLM(get_config("decoder-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    d_ff=48, max_seq_len=32))
+    return Seq2SeqLM(get_config("seq2seq-tiny", vocab_size=64, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4,
+                                d_ff=48, max_seq_len=32))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kind", ["decoder", "seq2seq"])
+def test_generate_with_adapter_names_decodes_each_row_with_its_adapter(kind, use_cache):
+    base = tiny_lm(kind).eval()
+    model = inject(copy.deepcopy(base), cfg(target_modules=["q_proj", "v_proj", "o_proj"]), "a")
+    inject(model, cfg(r=2, target_modules=["q_proj", "v_proj", "o_proj"]), "b")
+    randomize_adapters(model, "a", 1, std=0.5)  # large updates, so that the adapters pick different tokens
+    randomize_adapters(model, "b", 2, std=0.5)
+    ids = torch.randint(4, 64, (3, 6))
+    names = ["b", "__base__", "a"]
+    got = model.generate(ids, max_new_tokens=8, use_cache=use_cache, eos_token_id=-1, adapter_names=names)
+    assert all(layer.batch_adapter_names is None for layer in lora_layers(model).values())
+    rows = []
+    for i, n in enumerate(names):  # each prompt alone, the adapter chosen the ordinary way
+        if n == "__base__":
+            rows.append(base.generate(ids[i:i + 1], max_new_tokens=8, use_cache=use_cache, eos_token_id=-1))
+        else:
+            set_adapter(model, n)
+            rows.append(model.generate(ids[i:i + 1], max_new_tokens=8, use_cache=use_cache, eos_token_id=-1))
+    assert torch.equal(got, torch.cat(rows))  # token ids: a different adapter would pick other tokens
+    assert len({tuple(r[0, -8:].tolist()) for r in rows}) == 3  # the three rows really differ
+
+
+def test_generate_with_adapter_names_needs_eval_mode_and_one_name_per_row():
+    model = inject(tiny_lm("decoder"), cfg(target_modules=["q_proj"]))
+    ids = torch.randint(4, 64, (2, 5))
+    with pytest.raises(ValueError, match="model.eval"):
+        model.generate(ids, max_new_tokens=2, adapter_names=["default", "__base__"])
+    model.eval()
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2"):
+        model.generate(ids, max_new_tokens=2, adapter_names=["default"] * 3)
+
+
+def test_merge_of_named_adapters_merges_only_those():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 16)
+    inject(model, cfg(), "a")
+    inject(model, cfg(r=2, target_modules=["v_proj"]), "b")  # b lives in the v_proj layers only
+    randomize_adapters(model, "a", 1, std=0.2)
+    randomize_adapters(model, "b", 2, std=0.2)
+    exact = {n: layer.base_layer.weight.double() + delta(model, "b").get(n, 0) for n, layer in lora_layers(model).items()}
+    merge(model, ["b"], safe_merge=True)  # not the active adapter "a"
+    for n, layer in lora_layers(model).items():
+        assert layer.merged_adapters == (["b"] if "v_proj" in n else [])
+        assert_close_fp32(layer.base_layer.weight, exact[n])
+
+
+def test_merge_and_unload_with_safe_merge_refuses_nan_and_keeps_the_adapters():
+    model = inject(Net(), cfg())
+    randomize_adapters(model, "default", 1, std=0.2)
+    with torch.no_grad():
+        model.layers[0].q_proj.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        merge_and_unload(model, safe_merge=True)
+    assert len(lora_layers(model)) == 4 and not any(layer.merged for layer in lora_layers(model).values())
+
+
+def test_merge_and_unload_after_a_mixed_batch_leaves_no_adapter_state():
+    model = inject(Net(), cfg()).eval()
+    model(torch.randn(2, 16), adapter_names=["default", "__base__"])
+    merge_and_unload(model)
+    assert not {"lora_configs", "lora_active", "_lora_batch_set"} & set(vars(model))
+
+
+def test_trainable_report_of_a_model_without_parameters_is_zero(capsys):
+    assert trainable_report(nn.Sequential(), verbose=False) == (0, 0, 0.0)
+
+
+def test_lora_layer_repr_names_adapters_ranks_and_state():
+    model = inject(Net(), cfg(), "a")
+    inject(model, cfg(r=2), "b")
+    merge(model)
+    assert "adapters={'a': 4, 'b': 2}, active=['a'], merged=['a']" in repr(model.layers[0].q_proj)
+
+
+def test_a_second_adapter_wraps_lora_layers_never_their_insides():
+    model = inject(Net(), cfg(target_modules=["q_proj"]), "a")
+    inject(model, cfg(target_modules=r".*q_proj.*"), "b")  # would also match q_proj.lora_A.a, q_proj.base_layer
+    assert set(lora_layers(model)) == {"layers.0.q_proj", "layers.1.q_proj"}
+    assert all(list(layer.lora_A) == ["a", "b"] for layer in lora_layers(model).values())
+    assert type(model.layers[0].q_proj.base_layer) is nn.Linear
+
+
+def test_unknown_adapter_error_suggests_the_closest_name():
+    model = inject(Net(), cfg(), "alpha")
+    with pytest.raises(ValueError, match=r"unknown adapter 'alpah'; this model has \['alpha'\] \(did you mean 'alpha'\?\)"):
+        set_adapter(model, "alpah")
+
+
+def test_merge_without_safe_merge_writes_what_it_computes():
+    model = inject(Net(), cfg())
+    with torch.no_grad():
+        model.layers[0].q_proj.lora_B["default"].weight[0, 0] = float("nan")
+    merge(model)  # safe_merge is off by default, as in peft: no check, no error
+    assert model.layers[0].q_proj.base_layer.weight[0].isnan().all()
+    layer = model.layers[1].q_proj
+    layer.unmerge()
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    layer.merge()  # the layer's own merge: the same default
+    assert layer.merged and not layer.base_layer.weight[0].isfinite().any()
+    unmerge(model)
+    merge_and_unload(model)  # the same default again
+    assert not lora_layers(model) and model.layers[0].q_proj.weight[0].isnan().all()

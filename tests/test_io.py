@@ -6,10 +6,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minilora.inject import inject, lora_layers, set_adapter
-from minilora.io import load_adapter, lora_state_dict, save_adapter
+from minilora.inject import inject, lora_layers, merge, set_adapter
+from minilora.io import (PEFT_DEFAULTS, config_from_peft_dict, config_to_peft_dict, load_adapter, lora_state_dict,
+                         save_adapter)
 from minilora.lora import LoraConfig
 
 
@@ -38,12 +40,12 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, [n for n, _ in model.named_modules()]
 
 
-def assert_untouched(model, snap):
+def assert_untouched(model, snap, name="default"):
     state, names = snap
     assert [n for n, _ in model.named_modules()] == names
     assert state.keys() == model.state_dict().keys()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert not hasattr(model, "lora_configs") or "default" not in model.lora_configs
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # not a bit changed
+    assert not hasattr(model, "lora_configs") or name not in model.lora_configs
 
 
 def test_lora_state_dict_uses_peft_keys():
@@ -73,11 +75,54 @@ def test_round_trip_gives_identical_outputs(tmp_path, kw):
     x = torch.randn(3, 10)
     save_adapter(model, tmp_path)
     loaded = load_adapter(copy.deepcopy(base), tmp_path, adapter_name="mine").eval()
-    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
     assert loaded.lora_configs["mine"] == model.lora_configs["default"]
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
-    assert any(p.requires_grad for p in trainable.parameters())
+    # exactly what training the saved adapter trains: A and B, and the biases its `bias` option names
+    assert trainable_names(trainable) == trainable_names(model)
+    assert {n for n in trainable_names(trainable) if ".lora_" not in n} == {
+        "all": {"lin0.base_layer.bias", "lin1.base_layer.bias"}}.get(kw.get("bias"), set())
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_loading_an_adapter_with_trained_biases_into_a_model_that_has_an_adapter(tmp_path, bias):
+    base, model = trained(bias=bias)  # biases trained: they are part of the file
+    x = torch.randn(3, 10)
+    save_adapter(model, tmp_path)
+    other = inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=["lin0"]), "first")  # bias="none"
+    load_adapter(other, tmp_path, "second")
+    # lin1 gets wrapped now, lin0 already was: the file's biases land in both base layers
+    for name in ("lin0", "lin1"):
+        assert torch.equal(lora_layers(other)[name].base_layer.bias, lora_layers(model)[name].base_layer.bias)
+    assert not any(p.requires_grad for n, p in other.named_parameters() if "second" in n or ".bias" in n)
+    set_adapter(other, "second")
+    assert torch.equal(other.eval()(x), model(x))  # the same weights through the same operations
+    assert other.lora_configs["second"].bias == bias and other.lora_configs["first"].bias == "none"
+
+
+def test_loading_into_a_merged_model_raises_and_leaves_it_untouched(tmp_path):
+    base, model = trained()
+    save_adapter(model, tmp_path)
+    merged = inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=["lin0"]), "first")
+    merge(merged)
+    snap = snapshot(merged)
+    with pytest.raises(ValueError, match="merged adapters; call unmerge"):
+        load_adapter(merged, tmp_path, "second")
+    assert_untouched(merged, snap, name="second")
+
+
+def test_exclude_modules_survive_a_round_trip(tmp_path):
+    base, model = trained(target_modules=r"lin\d", exclude_modules=["lin1"])
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exclude_modules"] == ["lin1"]
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    assert set(lora_layers(loaded)) == {"lin0"}
+    assert loaded.lora_configs["default"].exclude_modules == ["lin1"]
 
 
 def test_load_a_second_adapter_next_to_the_first(tmp_path):
@@ -149,3 +194,120 @@ def test_failed_load_leaves_model_untouched(tmp_path, case, message):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             load_adapter(model, tmp_path)
         assert_untouched(model, snap)
+
+
+def test_config_from_a_minimal_peft_file_takes_peft_defaults():
+    """peft leaves out nothing it writes, but older files and hand-written ones may: missing fields mean
+    peft's defaults (r 8, lora_alpha 8, no dropout, no rsLoRA, default init, bias "none", ...)."""
+    config = config_from_peft_dict({"peft_type": "LORA", "target_modules": ["lin0"]})
+    assert config == LoraConfig(r=8, alpha=8, dropout=0.0, target_modules=["lin0"], exclude_modules=None,
+                                use_rslora=False, init="default", bias="none", lora_bias=False, fan_in_fan_out=False)
+
+
+@pytest.mark.parametrize("init_lora_weights, init", [(True, "default"), ("gaussian", "gaussian"), ("pissa", "pissa"),
+                                                     ("pissa_niter_4", "pissa"), (False, "default")])
+def test_config_from_peft_reads_every_field(init_lora_weights, init):
+    d = {**PEFT_DEFAULTS, "r": 6, "lora_alpha": 12.5, "lora_dropout": 0.2, "target_modules": ["lin0", "lin1"],
+         "exclude_modules": ["lin1"], "use_rslora": True, "init_lora_weights": init_lora_weights, "bias": "lora_only",
+         "lora_bias": True, "fan_in_fan_out": True}
+    assert config_from_peft_dict(d) == LoraConfig(r=6, alpha=12.5, dropout=0.2, target_modules=["lin0", "lin1"],
+                                                  exclude_modules=["lin1"], use_rslora=True, init=init,
+                                                  bias="lora_only", lora_bias=True, fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa"])
+def test_config_to_peft_and_back_is_the_same_config(init):
+    config = LoraConfig(r=6, alpha=12.0, dropout=0.2, target_modules=r"lin\d", exclude_modules=["lin1"],
+                        use_rslora=True, init=init, bias="all", lora_bias=True, fan_in_fan_out=True)
+    d = config_to_peft_dict(config)
+    assert d["init_lora_weights"] == {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[init]
+    assert d["lora_alpha"] == 12 and type(d["lora_alpha"]) is int  # written as peft writes an integer alpha
+    assert config_to_peft_dict(LoraConfig(alpha=2.5, target_modules=["x"]))["lora_alpha"] == 2.5
+    assert config_from_peft_dict(d) == config
+
+
+def test_peft_fields_that_are_left_at_their_default_are_accepted():
+    d = {**PEFT_DEFAULTS, "target_modules": ["lin0"], "layers_to_transform": None, "rank_pattern": {},
+         "alpha_pattern": {}, "use_dora": False, "trainable_token_indices": [], "loftq_config": {}}
+    assert config_from_peft_dict(d).target_modules == ["lin0"]
+    with pytest.raises(ValueError, match=r"\['rank_pattern', 'use_dora'\]"):
+        config_from_peft_dict({**d, "use_dora": True, "rank_pattern": {"lin0": 2}})
+
+
+def test_state_dict_of_a_model_without_adapters_is_an_error():
+    with pytest.raises(ValueError, match=r"no adapter 'default' in this model; it has \[\]"):
+        lora_state_dict(MLP())
+
+
+def test_state_dict_with_bias_all_and_lora_bias_has_each_tensor_once_under_peft_keys():
+    _, model = trained(bias="all", lora_bias=True)
+    assert set(lora_state_dict(model)) == {f"lin{i}.{k}" for i in (0, 1) for k in
+                                           ["lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bias"]}
+
+
+def test_saving_a_second_adapter_writes_its_own_weights(tmp_path):
+    base, model = trained()
+    inject(model, LoraConfig(r=2, alpha=3, target_modules=["lin1"]), "second")
+    with torch.no_grad():
+        lora_layers(model)["lin1"].lora_B["second"].weight.normal_()
+    save_adapter(model, tmp_path, "second")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert set(tensors) == {"base_model.model.lin1.lora_A.weight", "base_model.model.lin1.lora_B.weight"}
+    assert torch.equal(tensors["base_model.model.lin1.lora_B.weight"], lora_layers(model)["lin1"].lora_B["second"].weight)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_saved_files_are_formatted_as_peft_writes_them(tmp_path):
+    _, model = trained()
+    model.name_or_path = "bases/mlp-10-20-6"
+    save_adapter(model, tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=2, sort_keys=True)  # peft's to_json_string layout
+    assert config["base_model_name_or_path"] == "bases/mlp-10-20-6"
+    assert config["auto_mapping"] == {"base_model_class": "MLP", "parent_library": MLP.__module__}
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    model.name_or_path = ""  # no name: null, as peft writes it
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_a_file_key_that_fits_no_parameter_names_the_closest_ones(tmp_path):
+    _, model = trained()
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lin0.biass"] = torch.zeros(20)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"'lin0.biass', which matches no parameter of the model \(closest: \['lin0.bias'"):
+        load_adapter(MLP(), tmp_path)
+
+
+def test_loading_a_pissa_adapter_keeps_the_saved_residual_base(tmp_path):
+    torch.manual_seed(0)
+    model = inject(MLP(), LoraConfig(r=4, alpha=8, init="pissa", target_modules=["lin0", "lin1"])).eval()
+    save_adapter(model, tmp_path)
+    residual = MLP()  # the base as PiSSA left it, saved and loaded like any other weights
+    residual.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if ".lora_" not in k})
+    before = {k: v.clone() for k, v in residual.state_dict().items()}
+    loaded = load_adapter(residual, tmp_path).eval()
+    for name, layer in lora_layers(loaded).items():  # no second PiSSA: the base is not decomposed again
+        assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])
+    assert loaded.lora_configs["default"].init == "pissa"
+    x = torch.randn(3, 10)
+    assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
+
+
+def test_loading_an_adapter_whose_rank_cannot_exist_on_a_layer_is_refused(tmp_path):
+    _, model = trained(r=2, target_modules=["lin1"])  # lin1: 20 -> 6
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["r"] = 8  # and tensors shaped for rank 8, so that only the rank itself is wrong
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"base_model.model.lin1.lora_A.weight": torch.zeros(8, 20),
+               "base_model.model.lin1.lora_B.weight": torch.zeros(6, 8)}, tmp_path / "adapter_model.safetensors")
+    model = MLP()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"r=8 is larger than min\(in, out\)=6 of layer 'lin1'"):
+        load_adapter(model, tmp_path)
+    assert_untouched(model, snap)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora.lora import LoraConfig, LoraLayer
+from minilora.lora import LoraConfig, LoraLayer, is_conv1d
 
-from adapters import rel_fro
+from adapters import assert_close_fp32, rel_fro
 
 
 def make_layer(in_f=16, out_f=12, r=4, alpha=8.0, bias=True, **kw):
@@ -40,6 +40,34 @@ def test_config_rejects_bad_values_naming_the_fix(kwargs, fix):
         LoraConfig(**{"target_modules": ["q_proj"], **kwargs})
 
 
+@pytest.mark.parametrize("targets", [["q_proj", ""], ["q_proj", 3]])
+def test_config_rejects_empty_or_non_string_target_names(targets):
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        LoraConfig(target_modules=targets)
+
+
+def test_config_accepts_the_smallest_rank_and_alpha_below_one():
+    config = LoraConfig(r=1, alpha=0.5, target_modules=["q_proj"])
+    assert config.scaling == 0.5
+
+
+def test_config_stores_target_sets_sorted_and_tuples_as_lists():
+    assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+    assert LoraConfig(target_modules=("v_proj", "q_proj")).target_modules == ["v_proj", "q_proj"]
+    assert LoraConfig(target_modules=["q_proj"], exclude_modules={"b", "a"}).exclude_modules == ["a", "b"]
+
+
+def test_only_gpt2_style_conv1d_counts_as_fan_in_fan_out():
+    class Conv1D(nn.Module):  # the name alone, e.g. another library's real convolution
+        pass
+
+    class Projection(nn.Linear):  # nf / nx attributes alone
+        nf, nx = 12, 16
+
+    assert not is_conv1d(Conv1D()) and not is_conv1d(Projection(16, 12))
+    assert is_conv1d(GPT2Conv1D(nf=12, nx=16))
+
+
 def test_config_scaling_plain_and_rslora():
     assert LoraConfig(r=16, alpha=32, target_modules=["q"]).scaling == 2.0
     assert LoraConfig(r=16, alpha=32, use_rslora=True, target_modules=["q"]).scaling == 8.0
@@ -48,7 +76,8 @@ def test_config_scaling_plain_and_rslora():
 def test_outputs_unchanged_at_init():
     layer = make_layer()
     x = torch.randn(5, 16)
-    assert torch.equal(layer(x), layer.base_layer(x))  # B = 0, so B A x = 0 exactly
+    # B = 0, so the update adds exact zeros to the base product: equal bits whatever the summation order
+    assert torch.equal(layer(x), layer.base_layer(x))
 
 
 def test_forward_is_W_x_plus_scaled_B_A_x():
@@ -56,8 +85,31 @@ def test_forward_is_W_x_plus_scaled_B_A_x():
     randomize(layer)
     x = torch.randn(3, 7, 16)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expected = layer.base_layer(x) + (6.0 / 4) * x @ A.T @ B.T
-    torch.testing.assert_close(layer(x), expected)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = x.double() @ W.double().T + b.double() + (6.0 / 4) * x.double() @ A.double().T @ B.double().T
+    assert_close_fp32(layer(x), expected)
+
+
+@pytest.mark.parametrize("base_dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                     (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_adapters_take_the_base_dtype_and_fp32_on_a_half_base(base_dtype, adapter_dtype):
+    layer = LoraLayer(nn.Linear(16, 12, dtype=base_dtype))
+    layer.add_adapter("default", LoraConfig(r=4, lora_bias=True, target_modules=["x"]))
+    assert {p.dtype for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]} == {adapter_dtype}
+
+
+def test_adapters_are_created_on_the_base_layer_device():
+    layer = LoraLayer(nn.Linear(16, 12, device="meta"))  # a device other than the default, without a GPU
+    layer.add_adapter("default", LoraConfig(r=4, lora_bias=True, target_modules=["x"]))
+    assert {p.device.type for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]} == {"meta"}
+
+
+def test_a_layer_with_no_active_adapter_is_its_base_layer():
+    layer = LoraLayer(nn.Linear(16, 12))
+    layer.add_adapter("default", LoraConfig(r=4, target_modules=["x"]))  # added, never made active
+    randomize(layer)
+    x = torch.randn(3, 16)
+    assert layer.active_adapters == [] and torch.equal(layer(x), layer.base_layer(x))  # the base layer's own call
 
 
 def test_default_init_is_kaiming_uniform_and_B_zero():
@@ -83,8 +135,8 @@ def test_pissa_puts_principal_part_in_B_A_and_residual_in_W():
     s = layer.scaling["default"]
     BA = s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    torch.testing.assert_close(BA, U[:, :3] @ torch.diag(S[:3]) @ Vh[:3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.base_layer.weight + BA, W, atol=1e-6, rtol=1e-6)
+    assert_close_fp32(BA, U[:, :3] @ torch.diag(S[:3]) @ Vh[:3])  # fp32 SVD and products: float32 rounding
+    assert_close_fp32(layer.base_layer.weight + BA, W)  # W_res + s B A = W up to the rounding of W_res
 
 
 class Conv1D(nn.Module):
@@ -98,6 +150,9 @@ class Conv1D(nn.Module):
 
     def forward(self, x):
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+GPT2Conv1D = Conv1D
 
 
 def test_conv1d_is_wrapped_with_fan_in_fan_out():
@@ -125,19 +180,39 @@ def test_conv1d_is_wrapped_with_fan_in_fan_out():
     torch.testing.assert_close(a.base_layer.weight, b.base_layer.weight.T)
 
 
+def exact_merged_weight(layer, name="default"):
+    """W + (alpha / r) B A written out in float64 from the stored tensors, as (out, in)."""
+    A, B = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+    return layer.base_weight_out_in().double() + layer.scaling[name] * B @ A
+
+
 def test_merge_then_unmerge_restores_weights():
     layer = make_layer()
     randomize(layer)
     W = layer.base_layer.weight.detach().clone()
+    exact = exact_merged_weight(layer)
     x = torch.randn(4, 16)
     layer.eval()
     before = layer(x)
     layer.merge()
-    torch.testing.assert_close(layer.base_layer.weight, W + layer.delta_weight("default"))
-    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-6)
+    assert_close_fp32(layer.base_layer.weight, exact)
+    assert_close_fp32(layer(x), before)  # W' x against W x + s B (A x): the same sum in another order
     layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, W, atol=1e-7, rtol=0)
+    # (W + dW) - dW in fp32 is W within one ulp of |W + dW| < 1, i.e. 1.2e-7; no reduction is involved
+    torch.testing.assert_close(layer.base_layer.weight, W, atol=2.5e-7, rtol=0)
     assert not layer.merged
+
+
+def test_merge_and_unmerge_of_a_float64_layer_stay_in_float64():
+    layer = make_layer().double()
+    randomize(layer)
+    W = layer.base_layer.weight.detach().clone()
+    exact = exact_merged_weight(layer)
+    layer.merge()
+    # float64 throughout: only the rounding of one product and one sum, far below fp32's 1.2e-7
+    assert rel_fro(layer.base_layer.weight, exact) < 1e-14
+    layer.unmerge()
+    assert rel_fro(layer.base_layer.weight, W) < 1e-14
 
 
 def test_merge_twice_is_noop():
@@ -146,7 +221,7 @@ def test_merge_twice_is_noop():
     layer.merge()
     once = layer.base_layer.weight.detach().clone()
     layer.merge()
-    assert torch.equal(layer.base_layer.weight, once)
+    assert torch.equal(layer.base_layer.weight, once)  # nothing may be computed at all the second time
     assert layer.merged_adapters == ["default"]
 
 
@@ -167,19 +242,6 @@ def test_merge_unmerge_drift_stays_bounded_over_1000_cycles():
     assert (layer.base_layer.bias - b).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_merge_adds_in_fp32(dtype):
-    layer = make_layer(in_f=32, out_f=32)
-    layer.base_layer.to(dtype)
-    randomize(layer)
-    assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters train in fp32
-    W = layer.base_layer.weight.detach().clone()
-    layer.merge()
-    expected = (W.float() + layer.delta_weight("default")).to(dtype)
-    assert torch.equal(layer.base_layer.weight, expected)
-    assert layer.base_layer.weight.dtype == dtype
-
-
 def test_safe_merge_refuses_nan_and_leaves_weights_untouched():
     layer = make_layer()
     with torch.no_grad():
@@ -187,7 +249,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights_untouched():
     W = layer.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="NaN/Inf"):
         layer.merge(safe_merge=True)
-    assert torch.equal(layer.base_layer.weight, W) and not layer.merged
+    assert torch.equal(layer.base_layer.weight, W) and not layer.merged  # untouched: no arithmetic on W
 
 
 def test_training_a_merged_layer_raises():
@@ -202,14 +264,41 @@ def test_training_a_merged_layer_raises():
         layer.train()(torch.randn(2, 16))
 
 
-def test_dropout_applies_to_lora_input_only_in_train_mode():
+def equation(layer, x, lora_input=None, name="default"):
+    """W x + b + (alpha / r) B A x' in float64, x' the input of A (x itself, or x after dropout)."""
+    x64 = x.double()
+    xa = x64 if lora_input is None else lora_input.double()
+    W, A, B = (t.double() for t in (layer.base_layer.weight, layer.lora_A[name].weight, layer.lora_B[name].weight))
+    out = x64 @ W.T + layer.scaling[name] * xa @ A.T @ B.T
+    return out + layer.base_layer.bias.double() if layer.base_layer.bias is not None else out
+
+
+def test_dropout_in_train_mode_masks_the_input_of_A_with_the_inverted_dropout_scale():
+    layer = make_layer(dropout=0.5)
+    randomize(layer)
+    layer.train()
+    x = torch.randn(8, 16)
+    torch.manual_seed(7)
+    got = layer(x)
+    torch.manual_seed(7)  # the same generator state, so the same mask as the layer's own dropout
+    dropped = nn.functional.dropout(x, 0.5, training=True)  # zeros, and survivors times 1 / (1 - p) = 2
+    assert 0 < (dropped == 0).sum() < x.numel()
+    assert_close_fp32(got, equation(layer, x, lora_input=dropped))
+
+
+def test_dropout_leaves_the_base_path_clean():
+    layer = make_layer(dropout=0.5)  # B = 0: in train mode the output must be the base's, untouched by dropout
+    layer.train()
+    x = torch.randn(8, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))  # the update adds exact zeros
+
+
+def test_dropout_is_off_in_eval_mode():
     layer = make_layer(dropout=0.5)
     randomize(layer)
     x = torch.randn(8, 16)
     layer.eval()
-    assert torch.equal(layer(x), layer(x))
-    layer.train()
-    assert not torch.equal(layer(x), layer(x))
+    assert_close_fp32(layer(x), equation(layer, x))
 
 
 def test_mixed_batch_equals_each_example_alone():
@@ -222,9 +311,54 @@ def test_mixed_batch_equals_each_example_alone():
     layer.batch_adapter_names = names
     mixed = layer(x)
     layer.batch_adapter_names = None
+    base = x.double() @ layer.base_layer.weight.double().T + layer.base_layer.bias.double()
     for i, n in enumerate(names):
-        layer.active_adapters = [n] if n in layer.lora_A else []
-        torch.testing.assert_close(mixed[i], layer(x[i:i + 1])[0], atol=1e-6, rtol=1e-6)
+        if n in layer.lora_A:
+            expected = equation(layer, x[i], name=n)
+            if n == "b":
+                expected = expected + layer.scaling["b"] * layer.lora_B["b"].bias.double()
+        else:  # "__base__", and an adapter this layer does not have: the base alone
+            expected = base[i]
+        assert_close_fp32(mixed[i], expected)
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward takes more arguments: the LoRA layer must pass them on."""
+
+    def forward(self, x, scale=1.0, *, shift=0.0):
+        return super().forward(x) * scale + shift
+
+
+@pytest.mark.parametrize("path", ["equation", "disabled", "merged", "nothing_active", "mixed_batch"])
+def test_extra_forward_arguments_reach_the_base_layer(path):
+    layer = LoraLayer(ScaledLinear(16, 12))
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8, target_modules=["x"]))
+    layer.active_adapters = ["default"]
+    randomize(layer)
+    layer.eval()
+    x = torch.randn(3, 16)
+    update = 2.0 * x.double() @ layer.lora_A["default"].weight.double().T @ layer.lora_B["default"].weight.double().T
+    base = layer.base_layer(x, 3.0, shift=0.5).double()
+    expected = base + update
+    if path == "disabled":
+        layer.disabled, expected = True, base
+    elif path == "merged":
+        layer.merge()
+        expected = base + 3.0 * update  # the merged update goes through the base's own scale
+    elif path == "nothing_active":
+        layer.active_adapters, expected = [], base
+    elif path == "mixed_batch":
+        layer.batch_adapter_names = ["default", "__base__", "default"]
+        expected = torch.stack([expected[0], base[1], expected[2]])
+    assert_close_fp32(layer(x, 3.0, shift=0.5), expected)
+
+
+def test_mixed_batch_where_no_example_uses_this_layer_is_the_base_alone():
+    layer = make_layer()
+    randomize(layer)
+    x = torch.randn(3, 16)
+    layer.batch_adapter_names = ["__base__", "elsewhere", "__base__"]  # "elsewhere": an adapter of other layers
+    assert torch.equal(layer(x), layer.base_layer(x))  # adds an exact zero to the same base product
 
 
 def test_mixed_batch_length_mismatch_raises():
@@ -255,7 +389,7 @@ def grads_of(layer, x, out, upstream):
 
 def assert_equal_up_to_summation_order(got, want):
     assert got.shape == want.shape and got.stride() == want.stride()
-    assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (got - want).abs().max()
+    assert_close_fp32(got, want)  # the node's backward sums the same products in another order
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -266,7 +400,7 @@ def test_fused_node_equals_the_equation_outputs_and_gradients(bias, shape):
     fused = layer(x)
     assert type(fused.grad_fn).__name__ == "FrozenLinearWithLoraBackward"
     reference = equation_path(layer, x)
-    assert torch.equal(fused, reference)  # the forward runs the equation's own operations
+    assert torch.equal(fused, reference)  # the forward runs the equation's own operations, in its order
     upstream = torch.randn_like(fused)
     for got, want in zip(grads_of(layer, x, fused, upstream), grads_of(layer, x, reference, upstream)):
         assert_equal_up_to_summation_order(got, want)
@@ -276,7 +410,7 @@ def test_fused_node_with_non_contiguous_input_and_no_input_grad():
     layer = frozen_layer()
     x = torch.randn(16, 6).T  # (6, 16), transposed view
     fused, reference = layer(x), equation_path(layer, x)
-    assert torch.equal(fused, reference)
+    assert torch.equal(fused, reference)  # the same operations in the same order, by construction
     upstream = torch.randn_like(fused)
     for got, want in zip(grads_of(layer, x, fused, upstream), grads_of(layer, x, reference, upstream)):
         assert_equal_up_to_summation_order(got, want)
@@ -292,7 +426,8 @@ def test_fused_node_skips_gradients_of_a_frozen_adapter():
 
 
 @pytest.mark.parametrize("setup", ["trainable_bias", "trainable_weight", "lora_bias", "dropout_train",
-                                   "two_adapters", "half_adapter", "switched_off", "plain_frozen", "half_base"])
+                                   "two_adapters", "half_adapter", "fp32_adapter_on_fp64", "switched_off",
+                                   "plain_frozen", "half_base"])
 def test_other_cases_take_the_equation_path(setup):
     layer = make_layer(lora_bias=setup == "lora_bias", dropout=0.3 if setup == "dropout_train" else 0.0)
     layer.base_layer.weight.requires_grad_(setup == "trainable_weight")
@@ -304,6 +439,8 @@ def test_other_cases_take_the_equation_path(setup):
         layer.base_layer.to(torch.bfloat16)
     if setup == "half_adapter":  # adapters in lower precision than the base: the equation path casts
         layer.lora_A.to(torch.bfloat16), layer.lora_B.to(torch.bfloat16)
+    if setup == "fp32_adapter_on_fp64":  # only a half-precision base runs fp32 adapters in the node
+        layer.base_layer.double()
     layer.fused = setup != "switched_off"
     x = torch.randn(3, 16, dtype=layer.base_layer.weight.dtype, requires_grad=True)
     fused = type(layer(x).grad_fn).__name__ == "FrozenLinearWithLoraBackward"
@@ -314,7 +451,7 @@ def test_other_cases_take_the_equation_path(setup):
 def test_fused_node_on_a_half_base_is_as_accurate_as_the_equation(dtype):
     """fp32 adapters on a half-precision base: the node runs the update in half precision (as autocast would),
     the equation path in fp32. Both are measured against float64 on the same rounded inputs."""
-    layer = frozen_layer(in_f=64, out_f=48, r=8)
+    layer = frozen_layer(in_f=64, out_f=48, r=8, alpha=20.0)  # scaling 2.5: a dropped or doubled s shows
     layer.base_layer.to(dtype)
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     x = torch.randn(6, 10, 64).to(dtype).requires_grad_()
@@ -322,6 +459,7 @@ def test_fused_node_on_a_half_base_is_as_accurate_as_the_equation(dtype):
     assert type(fused.grad_fn).__name__ == "FrozenLinearWithLoraBackward" and fused.dtype == dtype
     layer.fused = False
     equation = layer(x)
+    # the plain path's own operations (fp32 update added to the half output, rounded once): equal bits
     assert equation.dtype == dtype and torch.equal(equation, (layer.base_layer(x).float() + (x.float() @ A.T) @ B.T * s).to(dtype))
 
     W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()

@@ -160,13 +160,15 @@ class DecoderLM(nn.Module):
         attention_mask=None,
         use_cache=True,
         generator=None,
+        **forward_kwargs,
     ) -> torch.LongTensor:
         """Continue each prompt by up to max_new_tokens -> (B, T_prompt + n_new).
 
         Prompts of different lengths go in left-padded with an attention_mask. eos_token_id defaults to
         config.eos_token_id (-1: never stop early); a row that has produced it is continued with
         pad_token_id, and decoding stops once every row has. With use_cache the prompt is run once and
-        each step feeds one new token.
+        each step feeds one new token. Other keyword arguments go to every forward call, for hooks that
+        read them (minilora.inject's mixed batches: `adapter_names`).
         """
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         pad = self.config.pad_token_id
@@ -184,10 +186,10 @@ class DecoderLM(nn.Module):
         cache, step_ids = None, ids
         for _ in range(max_new_tokens):
             if use_cache:
-                out = self(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = self(step_ids, attention_mask=mask, past_key_values=cache, use_cache=True, **forward_kwargs)
                 cache = out.past_key_values
             else:
-                out = self(ids, attention_mask=mask)
+                out = self(ids, attention_mask=mask, **forward_kwargs)
             next_id = select_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
             next_id = torch.where(finished, torch.full_like(next_id, pad), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)  # (B, T + 1)

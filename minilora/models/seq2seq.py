@@ -176,13 +176,15 @@ class Seq2SeqLM(nn.Module):
         eos_token_id=None,
         use_cache=True,
         generator=None,
+        **forward_kwargs,
     ) -> torch.LongTensor:
         """Encode once, then decode up to max_new_tokens -> (B, 1 + n_new) starting with decoder_start_token_id.
 
         The self-attention cache grows by one position per step; the cross-attention keys and values are
         computed from the encoder states on the first step and reused. Finished rows continue with
         pad_token_id; decoding stops when every row has produced eos_token_id (default config.eos_token_id,
-        -1: never stop early).
+        -1: never stop early). Every step, the first one encoding too, is a forward call, which gets the
+        other keyword arguments (for hooks that read them, such as minilora.inject's `adapter_names`).
         """
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
@@ -190,17 +192,16 @@ class Seq2SeqLM(nn.Module):
             raise ValueError(
                 f"1 + max_new_tokens={max_new_tokens} exceeds max_seq_len={c.max_seq_len}; lower max_new_tokens."
             )
-        enc = self.encode(input_ids, attention_mask)  # (B, T_enc, d)
         B = input_ids.shape[0]
         ids = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        cache, step_ids = None, ids
+        enc, cache, step_ids = None, None, ids
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits, cache = self.decode(step_ids, enc, attention_mask, cache, use_cache=True)
-            else:
-                logits, _ = self.decode(ids, enc, attention_mask)
-            next_id = select_next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
+            out = self(input_ids=input_ids if enc is None else None, attention_mask=attention_mask, encoder_outputs=enc,
+                       decoder_input_ids=step_ids if use_cache else ids, past_key_values=cache, use_cache=use_cache,
+                       **forward_kwargs)
+            enc, cache = out.encoder_hidden_states, out.past_key_values  # enc: (B, T_enc, d), encoded once
+            next_id = select_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
             next_id = torch.where(finished, torch.full_like(next_id, c.pad_token_id), next_id)
             ids = torch.cat([ids, next_id[:, None]], dim=1)  # (B, T + 1)
             step_ids = next_id[:, None]  # (B, 1)
