@@ -15,7 +15,7 @@ export MALLOC_TOP_PAD_ ?= 536870912
 # Kernels named "python3" run `python` from PATH: make it the venv's, so lessons import this install.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test unit nbval lessons lab data bench clean
+.PHONY: install test unit nbval lessons exercises lab data bench mutation clean
 
 # The venv is (re)built when missing or when the dependency lists change.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,8 +31,10 @@ test: unit nbval
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The lessons and the exercise solutions; the student versions in notebooks/exercises/ fail their checks by
+# design and are run by tests/test_exercises.py instead.
 nbval: $(STAMP)
-	$(PY) -m pytest -q $(NBVAL) notebooks/
+	$(PY) -m pytest -q $(NBVAL) $(LESSONS) notebooks/solutions/
 
 # Execute every lesson in place, top to bottom, in a fresh kernel (commit the result).
 lessons: $(STAMP)
@@ -41,6 +43,17 @@ lessons: $(STAMP)
 		$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
 			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
 	done
+
+# Execute each exercise solution in place, then write its student version into notebooks/exercises/ with
+# nbgrader (commit both; tests/test_exercises.py checks that the student versions are up to date).
+SOLUTIONS := $(sort $(wildcard notebooks/solutions/*.ipynb))
+exercises: $(STAMP)
+	for nb in $(SOLUTIONS); do \
+		echo "== $$nb"; \
+		$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done
+	$(PY) notebooks/solutions/generate_exercises.py
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
@@ -55,6 +68,14 @@ data: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/lora_step.py
+
+# Mutation testing of the method files with the tests that exercise them (tests/README.md); not part of
+# `make test`. Configured in pyproject's [tool.mutmut]; starts fresh so the score is the current code's.
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)
+	rm -rf mutants
+	$(PY) -m mutmut run --max-children $(MUTATION_JOBS)
+	$(PY) tests/mutation_score.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,306 @@
+"""The exercise checkers: the right answer passes, each plausible wrong answer fails with its own hint, and
+every failure reads as one plain sentence."""
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import minilora as ml
+from minilora import checks
+from minilora.checks import ExerciseError
+
+SEEDS = [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- right answers
+
+def in_out(cfg):
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q_proj": (cfg.d_model, q_out), "k_proj": (cfg.d_model, kv_out), "v_proj": (cfg.d_model, kv_out),
+            "o_proj": (q_out, cfg.d_model), "gate_proj": (cfg.d_model, cfg.d_ff),
+            "up_proj": (cfg.d_model, cfg.d_ff), "down_proj": (cfg.d_ff, cfg.d_model)}
+
+
+def count_by_formula(cfg, r, targets):
+    return cfg.n_layers * sum(r * (in_out(cfg)[t][0] + in_out(cfg)[t][1]) for t in targets)
+
+
+def forward_unfused(x, W, b, A, B, alpha, r):
+    return x @ W.T + b + (alpha / r) * ((x @ A.T) @ B.T)
+
+
+def forward_with_package(x, W, b, A, B, alpha, r):
+    layer = ml.LoraLayer(nn.Linear(W.shape[1], W.shape[0], dtype=W.dtype))
+    layer.add_adapter("default", ml.LoraConfig(r=r, alpha=alpha, target_modules=["layer"]))
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        for p, value in [(layer.base_layer.weight, W), (layer.base_layer.bias, b),
+                         (layer.lora_A["default"].weight, A), (layer.lora_B["default"].weight, B)]:
+            p.copy_(value)
+        return layer(x)
+
+
+def wrapped_by_suffix(model, target_modules):
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if isinstance(target_modules, str):
+                hit = re.fullmatch(target_modules, name) is not None
+            else:
+                hit = any(name == t or name.endswith("." + t) for t in target_modules)
+            if hit:
+                names.append(name)
+    return names
+
+
+def wrapped_by_inject(model, target_modules):
+    model = ml.inject(model, ml.LoraConfig(r=1, target_modules=target_modules))
+    return [name for name, m in model.named_modules() if isinstance(m, ml.LoraLayer)]
+
+
+def merge_weight(W, A, B, alpha, r):
+    return W + (alpha / r) * (B @ A)
+
+
+def unmerge_weight(W, A, B, alpha, r):
+    return W - (alpha / r) * (B @ A)
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base, r, alpha, use_rslora=False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
+
+
+def fails_with(check, *args, hint: str, seed: int = 0) -> str:
+    with pytest.raises(ExerciseError) as info:
+        check(*args, seed=seed)
+    message = str(info.value)
+    assert hint in message, message
+    return message
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_right_answers_pass(seed, capsys):
+    checks.lora_param_count(count_by_formula, seed=seed)
+    checks.lora_forward(forward_unfused, seed=seed)
+    checks.lora_forward(forward_with_package, seed=seed)
+    checks.wrapped_modules(wrapped_by_suffix, seed=seed)
+    checks.wrapped_modules(wrapped_by_inject, seed=seed)
+    checks.merge_unmerge(merge_weight, unmerge_weight, seed=seed)
+    checks.lora_linear(LoraLinear, seed=seed)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("✓ ") for line in lines) == 7
+    assert "4,194,304 trainable parameters" in lines[1]  # llama-7b, r=8 on q_proj, v_proj: 32 * 8 * 2 * 8192
+
+
+def test_checks_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    checks.lora_forward(forward_unfused)
+    checks.merge_unmerge(merge_weight, unmerge_weight)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- 1. counting parameters
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_count_rejects_common_mistakes(seed):
+    def one_layer(cfg, r, targets):
+        return count_by_formula(cfg, r, targets) // cfg.n_layers
+
+    def ignores_gqa(cfg, r, targets):
+        return count_by_formula(dataclasses.replace(cfg, n_kv_heads=cfg.n_heads), r, targets)
+
+    def full_matrices(cfg, r, targets):
+        return cfg.n_layers * sum(in_out(cfg)[t][0] * in_out(cfg)[t][1] for t in targets)
+
+    def off_by_one(cfg, r, targets):
+        return count_by_formula(cfg, r, targets) + 1
+
+    fails_with(checks.lora_param_count, one_layer, hint="every layer has its own adapters", seed=seed)
+    fails_with(checks.lora_param_count, ignores_gqa, hint="grouped-query attention", seed=seed)
+    fails_with(checks.lora_param_count, full_matrices, hint="size of the full matrices", seed=seed)
+    message = fails_with(checks.lora_param_count, off_by_one, hint="every targeted matrix", seed=seed)
+    assert "expected" in message and "got" in message
+
+
+def test_count_must_be_an_int():
+    fails_with(checks.lora_param_count, lambda cfg, r, t: float(count_by_formula(cfg, r, t)),
+               hint="sum Python ints")
+
+
+# ----------------------------------------------------------------------------- 2. the forward pass
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_forward_rejects_common_mistakes(seed):
+    wrong = {
+        "missing its scaling": lambda x, W, b, A, B, alpha, r: x @ W.T + b + (x @ A.T) @ B.T,
+        "scaled by alpha alone": lambda x, W, b, A, B, alpha, r: x @ W.T + b + alpha * (x @ A.T) @ B.T,
+        "rsLoRA's scaling": lambda x, W, b, A, B, alpha, r: x @ W.T + b + alpha / math.sqrt(r) * (x @ A.T) @ B.T,
+        "the bias b is missing": lambda x, W, b, A, B, alpha, r: x @ W.T + alpha / r * (x @ A.T) @ B.T,
+        "update is missing": lambda x, W, b, A, B, alpha, r: x @ W.T + b,
+        # B A transposed: the first trial has a square W, so the shapes still fit
+        "is transposed": lambda x, W, b, A, B, alpha, r: x @ W.T + b + alpha / r * (x @ B) @ A,
+    }
+    for hint, fn in wrong.items():
+        fails_with(checks.lora_forward, fn, hint=hint, seed=seed)
+
+
+def test_forward_accepts_forming_BA_and_says_so(capsys):
+    checks.lora_forward(lambda x, W, b, A, B, alpha, r: x @ (W + alpha / r * B @ A).T + b)
+    assert "forms the d_out × d_in matrix B A" in capsys.readouterr().out
+    checks.lora_forward(forward_unfused)
+    assert "forms" not in capsys.readouterr().out
+
+
+def test_forward_wrong_scaling_fails_even_when_BA_is_formed():
+    fails_with(checks.lora_forward, lambda x, W, b, A, B, alpha, r: x @ (W + B @ A).T + b, hint="missing its scaling")
+
+
+# ----------------------------------------------------------------------------- 3. which modules get wrapped
+
+def test_wrapped_rejects_substring_matching():
+    def contains(model, targets):
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(t in n for t in targets)]
+    fails_with(checks.wrapped_modules, contains, hint="merely contains it")
+
+
+def test_wrapped_rejects_exact_names_only():
+    def exact(model, targets):
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n in targets]
+    fails_with(checks.wrapped_modules, exact, hint="ends with '.' + the entry")
+
+
+def test_wrapped_rejects_regex_treated_as_a_list():
+    def no_regex(model, targets):
+        targets = list(targets)  # a string becomes its characters
+        return [n for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    fails_with(checks.wrapped_modules, no_regex, hint="regular expression")
+
+
+def test_wrapped_must_return_names():
+    fails_with(checks.wrapped_modules, lambda model, targets: dict(model.named_modules()), hint="list of module names")
+
+
+def test_wrapped_rejects_duplicates():
+    fails_with(checks.wrapped_modules, lambda model, t: wrapped_by_suffix(model, t) * 2, hint="more than once")
+
+
+# ----------------------------------------------------------------------------- 4. merge and unmerge
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_merge_rejects_common_mistakes(seed):
+    fails_with(checks.merge_unmerge, lambda W, A, B, alpha, r: W + B @ A, unmerge_weight,
+               hint="missing its scaling", seed=seed)
+    fails_with(checks.merge_unmerge, lambda W, A, B, alpha, r: W + alpha / r * (B @ A).T, unmerge_weight,
+               hint="delta W is transposed", seed=seed)  # the first trial is square
+    fails_with(checks.merge_unmerge, lambda W, A, B, alpha, r: W, unmerge_weight,
+               hint="returned W unchanged", seed=seed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_unmerge_must_restore_the_weight(seed):
+    fails_with(checks.merge_unmerge, merge_weight, merge_weight, hint="adds delta W a second time", seed=seed)
+    fails_with(checks.merge_unmerge, merge_weight, lambda W, A, B, alpha, r: W,
+               hint="returned the merged weight unchanged", seed=seed)
+    fails_with(checks.merge_unmerge, merge_weight, lambda W, A, B, alpha, r: W - B @ A,
+               hint="missing its scaling", seed=seed)
+
+
+# ----------------------------------------------------------------------------- 5. the LoRA linear module
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lora_linear_rejects_common_mistakes(seed):
+    class NoRsLora(LoraLinear):
+        def __init__(self, base, r, alpha, use_rslora=False):
+            super().__init__(base, r, alpha, use_rslora=False)
+
+    class BaseTrains(LoraLinear):
+        def __init__(self, base, r, alpha, use_rslora=False):
+            super().__init__(base, r, alpha, use_rslora)
+            base.requires_grad_(True)
+
+    class BStartsRandom(LoraLinear):
+        def __init__(self, base, r, alpha, use_rslora=False):
+            super().__init__(base, r, alpha, use_rslora)
+            nn.init.normal_(self.lora_B)
+
+    class AStartsAtZero(LoraLinear):
+        def __init__(self, base, r, alpha, use_rslora=False):
+            super().__init__(base, r, alpha, use_rslora)
+            nn.init.zeros_(self.lora_A)
+
+    class Detached(LoraLinear):
+        def forward(self, x):
+            return self.base(x) + self.scaling * ((x @ self.lora_A.detach().T) @ self.lora_B.T)
+
+    class PlainTensor(LoraLinear):
+        def __init__(self, base, r, alpha, use_rslora=False):
+            super().__init__(base, r, alpha, use_rslora)
+            del self.lora_B
+            self.lora_B = torch.zeros(base.out_features, r)
+
+    fails_with(checks.lora_linear, NoRsLora, hint="rsLoRA's", seed=seed)
+    fails_with(checks.lora_linear, BaseTrains, hint="freezes the base layer", seed=seed)
+    fails_with(checks.lora_linear, BStartsRandom, hint="B starts at zero", seed=seed)
+    fails_with(checks.lora_linear, AStartsAtZero, hint="A must start random", seed=seed)
+    fails_with(checks.lora_linear, Detached, hint="no gradient reached", seed=seed)
+    fails_with(checks.lora_linear, PlainTensor, hint="as an nn.Parameter", seed=seed)
+
+
+# ----------------------------------------------------------------------------- plain-words failures
+
+def test_not_implemented_yet_is_reported_as_such():
+    def placeholder(*args):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    class Placeholder(nn.Module):
+        def __init__(self, *args):
+            super().__init__()
+            raise NotImplementedError()
+
+    for check, answer in [(checks.lora_param_count, placeholder), (checks.lora_forward, placeholder),
+                          (checks.wrapped_modules, placeholder), (checks.lora_linear, Placeholder)]:
+        message = fails_with(check, answer, hint="is not implemented yet")
+        assert "Hint:" in message
+    fails_with(checks.merge_unmerge, placeholder, placeholder, hint="merge_weight is not implemented yet")
+    fails_with(checks.merge_unmerge, merge_weight, placeholder, hint="unmerge_weight is not implemented yet")
+
+
+def test_an_exception_in_student_code_is_one_line_naming_it_and_its_line():
+    def transposed_A(x, W, b, A, B, alpha, r):
+        h = x @ A  # A is (r, d_in): this needs A.T
+        return x @ W.T + b + alpha / r * h @ B.T
+
+    message = fails_with(checks.lora_forward, transposed_A, hint="lora_forward raised RuntimeError")
+    assert "(line " in message and "`h = x @ A  # A is (r, d_in): this needs A.T`" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert "Hint: h = W x + b" in message
+
+
+def test_wrong_shape_and_wrong_dtype_are_named():
+    fails_with(checks.lora_forward, lambda *args: forward_unfused(*args)[..., :-1], hint="has the wrong shape: expected")
+    fails_with(checks.lora_forward, lambda *args: forward_unfused(*args).float(), hint="has the wrong dtype: expected torch.float64")
+    fails_with(checks.lora_forward, lambda *args: forward_unfused(*args).tolist(), hint="should be a torch.Tensor, got list")
+    fails_with(checks.merge_unmerge, lambda *args: merge_weight(*args)[:-1], unmerge_weight, hint="has the wrong shape")
+
+
+def test_exercise_error_is_an_assertion_shown_without_traceback():
+    error = ExerciseError("lora_forward is not implemented yet.")
+    assert isinstance(error, AssertionError)
+    assert error._render_traceback_() == ["ExerciseError: lora_forward is not implemented yet."]
