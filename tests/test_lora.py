@@ -53,6 +53,9 @@ def test_config_accepts_the_smallest_rank_and_alpha_below_one():
 
 def test_config_stores_target_sets_sorted_and_tuples_as_lists():
     assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+    # a set's iteration order follows string hashes; with 26 names it is sorted by chance with odds ~1/26!
+    names = {f"{c}_proj" for c in "zyxwvutsrqponmlkjihgfedcba"}
+    assert LoraConfig(target_modules=names).target_modules == sorted(names)
     assert LoraConfig(target_modules=("v_proj", "q_proj")).target_modules == ["v_proj", "q_proj"]
     assert LoraConfig(target_modules=["q_proj"], exclude_modules={"b", "a"}).exclude_modules == ["a", "b"]
 
