@@ -240,7 +240,9 @@ def lora_param_count(student_fn, seed: int | None = None) -> None:
         hint = next((h for wrong, h in mistakes if got == wrong), None)
         if hint is None and per_layer and got % per_layer == 0:
             hint = "your total is a whole number of layers' worth, but not n_layers of them."
-        raise ExerciseError(f"lora_param_count for {case}: expected {want:,}, got {got:,}. "
+        off = "too large: it counts numbers that LoRA does not train" if got > want else \
+            "too small: some trainable numbers are missing"
+        raise ExerciseError(f"lora_param_count for {case}: got {got:,}, which is {off}. "
                             f"Hint: {hint or COUNT_HINT}")
 
     llama = get_config("llama-7b")

@@ -134,7 +134,10 @@ def test_count_rejects_common_mistakes(seed):
     fails_with(checks.lora_param_count, ignores_gqa, hint="grouped-query attention", seed=seed)
     fails_with(checks.lora_param_count, full_matrices, hint="size of the full matrices", seed=seed)
     message = fails_with(checks.lora_param_count, off_by_one, hint="every targeted matrix", seed=seed)
-    assert "expected" in message and "got" in message
+    assert "got" in message and "too large" in message and "expected" not in message  # says what is wrong, not the answer
+    message = fails_with(checks.lora_param_count, lambda cfg, r, t: count_by_formula(cfg, r, t) - 1,
+                         hint="every targeted matrix", seed=seed)
+    assert "too small" in message
 
 
 def test_count_must_be_an_int():
