@@ -36,23 +36,22 @@ unit: $(STAMP)
 nbval: $(STAMP)
 	$(PY) -m pytest -q $(NBVAL) $(LESSONS) notebooks/solutions/
 
-# Execute every lesson in place, top to bottom, in a fresh kernel (commit the result).
-lessons: $(STAMP)
-	for nb in $(LESSONS); do \
+# Execute notebooks in place, each top to bottom in a fresh kernel: $(call execute,<notebooks>)
+execute = for nb in $(1); do \
 		echo "== $$nb"; \
 		$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
 			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
 	done
 
-# Execute each exercise solution in place, then write its student version into notebooks/exercises/ with
-# nbgrader (commit both; tests/test_exercises.py checks that the student versions are up to date).
+# Execute every lesson (commit the result).
+lessons: $(STAMP)
+	$(call execute,$(LESSONS))
+
+# Execute each exercise solution, then write its student version into notebooks/exercises/ with nbgrader
+# (commit both; tests/test_exercises.py checks that the student versions are up to date).
 SOLUTIONS := $(sort $(wildcard notebooks/solutions/*.ipynb))
 exercises: $(STAMP)
-	for nb in $(SOLUTIONS); do \
-		echo "== $$nb"; \
-		$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
-			--ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
-	done
+	$(call execute,$(SOLUTIONS))
 	$(PY) notebooks/solutions/generate_exercises.py
 
 lab: $(STAMP)
