@@ -10,6 +10,8 @@ from minilora.models.blocks import attention_bias, attention_reference, relative
 from minilora.models.decoder import select_next_token
 from minilora.models.seq2seq import shift_right
 
+from adapters import max_rel_err
+
 V = 64
 
 
@@ -28,11 +30,6 @@ def tiny_seq2seq(**overrides):
 
 def rand_ids(B, T, seed=0, low=3):
     return torch.randint(low, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(got, want):
-    """max |got - want| / max |want| in float64."""
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 # Two computations that differ only in summation order (another matmul shape, a cache): 1e-10 of the output
@@ -156,7 +153,7 @@ def test_sdpa_attention_equals_plain_softmax_attention():
     q, k, v = torch.randn(3, 2, 4, 5, 8, dtype=torch.float64).unbind(0)  # each (B, nh, T, hs)
     bias = attention_bias(5, 5, causal=True, key_padding_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
     fast = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.double(), scale=0.3)
-    assert rel_err(fast, attention_reference(q, k, v, bias.double(), 0.3)) < TOL[torch.float64]
+    assert max_rel_err(fast, attention_reference(q, k, v, bias.double(), 0.3)) < TOL[torch.float64]
 
 
 def test_attention_bias_masks_future_and_padding():
@@ -245,7 +242,7 @@ def test_cached_logits_equal_full_forward_logits(dtype):
     out = m(x[:, :8], use_cache=True)
     step = m(x[:, 8:], past_key_values=out.past_key_values, use_cache=True)
     assert len(step.past_key_values) == 2 and step.past_key_values[0][0].shape == (2, 2, 12, 8)  # (B, n_kv, T, hs)
-    assert rel_err(step.logits, full[:, 8:]) < TOL[dtype]
+    assert max_rel_err(step.logits, full[:, 8:]) < TOL[dtype]
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(norm="layernorm", pos="learned", mlp="gelu", bias=True)],
@@ -276,7 +273,7 @@ def test_seq2seq_cached_step_logits_equal_full_decode(dtype):
     self_k, self_v, cross_k, cross_v = out.past_key_values[0]
     assert self_k.shape == (2, 4, 15, 8) and cross_k.shape == (2, 4, 11, 8)  # (B, nh, T, hs)
     step = m(encoder_outputs=enc, decoder_input_ids=y[:, 15:], past_key_values=out.past_key_values, use_cache=True)
-    assert rel_err(step.logits, full[:, 15:]) < TOL[dtype]
+    assert max_rel_err(step.logits, full[:, 15:]) < TOL[dtype]
     assert step.past_key_values[0][2] is cross_k  # cross-attention K/V computed once, then reused
 
 
@@ -354,4 +351,4 @@ def test_gradient_checkpointing_gives_the_same_grads(build):
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():  # the recomputed forward runs the same operations: equal up to fp32 rounding
-        assert rel_err(grads[1][name], g) < TOL[torch.float32], name
+        assert max_rel_err(grads[1][name], g) < TOL[torch.float32], name

@@ -33,15 +33,11 @@ from minilora.models.hf import (
     to_hf_llama,
 )
 
+from adapters import max_rel_err
+
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative to the output's scale; why: module docstring
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 VOCAB = 96
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want|, computed in float64."""
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def same_weights(hf, convert, dtype):
@@ -105,7 +101,7 @@ def test_logits_match_hf_llama(variant, dtype):
     hf, ours = same_weights(hf_llama(**LLAMA_VARIANTS[variant]), from_hf_llama, dtype)
     x = ids(2, 20)
     with torch.no_grad():
-        err = rel_err(ours(x).logits, hf(x).logits)
+        err = max_rel_err(ours(x).logits, hf(x).logits)
     assert err <= TOL[dtype], f"{variant}: max |Δlogits| / max |logits| = {err:.2e}"
 
 
@@ -133,7 +129,7 @@ def test_logits_match_hf_llama_with_padding_mask(dtype):
         a = ours(x, attention_mask=mask).logits
         b = hf(x, attention_mask=mask, position_ids=position_ids).logits
     real = mask.bool()
-    assert rel_err(a[real], b[real]) <= TOL[dtype]
+    assert max_rel_err(a[real], b[real]) <= TOL[dtype]
 
 
 @DTYPES
@@ -143,7 +139,7 @@ def test_left_padded_row_gives_same_logits_as_unpadded_row(dtype):
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], dim=1)
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(x)], dim=1)
     with torch.no_grad():
-        assert rel_err(ours(padded, attention_mask=mask).logits[:, 4:], ours(x).logits) <= TOL[dtype]
+        assert max_rel_err(ours(padded, attention_mask=mask).logits[:, 4:], ours(x).logits) <= TOL[dtype]
 
 
 @DTYPES
@@ -154,7 +150,7 @@ def test_loss_matches_hf_llama_with_ignored_labels(dtype):
     labels[:, :6] = -100  # prompt tokens are not scored
     with torch.no_grad():
         ours_loss, hf_loss = ours(x, labels=labels).loss, hf(x, labels=labels).loss
-    assert rel_err(ours_loss, hf_loss) <= TOL[dtype]
+    assert max_rel_err(ours_loss, hf_loss) <= TOL[dtype]
     assert 1.0 < ours_loss.item() < 20.0
 
 
@@ -173,7 +169,7 @@ def test_grads_match_hf_llama(dtype):
                  "model.embed_tokens.weight"):
         g_ours, g_hf = ours_p[name].grad, hf_p[name].grad
         assert g_hf.abs().max() > 1e-4, name  # the gradient is not trivially zero
-        assert rel_err(g_ours, g_hf) <= tol, name
+        assert max_rel_err(g_ours, g_hf) <= tol, name
 
 
 def test_greedy_generate_matches_hf_llama():
@@ -207,7 +203,7 @@ def test_to_hf_llama_round_trip(dtype):
     hf = to_hf_llama(ours)
     x = ids(2, 12)
     with torch.no_grad():
-        assert rel_err(ours(x).logits, hf(x).logits) <= TOL[dtype]
+        assert max_rel_err(ours(x).logits, hf(x).logits) <= TOL[dtype]
     back = from_hf_llama(hf)
     assert back.config == ours.config
     for k, v in ours.state_dict().items():
@@ -246,8 +242,8 @@ def test_logits_match_hf_t5_with_padded_encoder_inputs(ff, tied, dtype):
     with torch.no_grad():
         a = ours(x, attention_mask=mask, decoder_input_ids=dec)
         b = hf(input_ids=x, attention_mask=mask, decoder_input_ids=dec)
-    assert rel_err(a.encoder_hidden_states[mask.bool()], b.encoder_last_hidden_state[mask.bool()]) <= TOL[dtype]
-    assert rel_err(a.logits, b.logits) <= TOL[dtype]
+    assert max_rel_err(a.encoder_hidden_states[mask.bool()], b.encoder_last_hidden_state[mask.bool()]) <= TOL[dtype]
+    assert max_rel_err(a.logits, b.logits) <= TOL[dtype]
 
 
 @DTYPES
@@ -258,7 +254,7 @@ def test_loss_and_grads_match_hf_t5(dtype):
     labels[0, 7:] = -100
     ours_loss = ours(x, attention_mask=mask, labels=labels).loss
     hf_loss = hf(input_ids=x, attention_mask=mask, labels=labels).loss
-    assert rel_err(ours_loss, hf_loss) <= TOL[dtype]
+    assert max_rel_err(ours_loss, hf_loss) <= TOL[dtype]
     ours_loss.backward()
     hf_loss.backward()
     ours_p, hf_p = dict(ours.named_parameters()), dict(hf.named_parameters())
@@ -271,7 +267,7 @@ def test_loss_and_grads_match_hf_t5(dtype):
     }
     for a, b in pairs.items():
         assert hf_p[b].grad.abs().max() > 1e-4, b
-        assert rel_err(ours_p[a].grad, hf_p[b].grad) <= TOL[dtype], a
+        assert max_rel_err(ours_p[a].grad, hf_p[b].grad) <= TOL[dtype], a
 
 
 def test_greedy_generate_matches_hf_t5_with_padded_batch():
@@ -302,4 +298,4 @@ def test_logits_match_hf_gpt2(dtype):
     assert ours.config.norm == "layernorm" and ours.config.pos == "learned" and ours.config.bias
     x = ids(2, 20)
     with torch.no_grad():
-        assert rel_err(ours(x).logits, hf(x).logits) <= TOL[dtype]
+        assert max_rel_err(ours(x).logits, hf(x).logits) <= TOL[dtype]
