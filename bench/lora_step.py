@@ -37,7 +37,7 @@ from functools import partial
 import torch
 
 from minilora.inject import inject, lora_layers, merge, merge_and_unload
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

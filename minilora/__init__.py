@@ -17,7 +17,9 @@ from minilora.inject import (
     unmerge,
 )
 from minilora.io import load_adapter, lora_state_dict, save_adapter
-from minilora.lora import LoraConfig, LoraLayer
+from minilora.methods.lora import LoraConfig, LoraLayer
+from minilora.methods.nf4 import NF4Tensor, dequantize, quantize
+from minilora.methods.qlora import Linear4bit, LoraLinear4bit, dequantize_model, quantize_model
 from minilora.models import PRESETS, DecoderLM, LMOutput, ModelConfig, Seq2SeqLM, get_config
 from minilora.pretrain import load_base
 from minilora.tasks import DECODER_TASKS, SEQ2SEQ_TASKS, TASKS, format_prompt, full_text, load_corpus, load_task
@@ -33,6 +35,8 @@ __all__ = [
     # LoRA
     "LoraConfig", "LoraLayer", "inject", "trainable_report", "merge", "unmerge", "merge_and_unload", "set_adapter",
     "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_adapter", "lora_state_dict",
+    # QLoRA / NF4
+    "NF4Tensor", "quantize", "dequantize", "Linear4bit", "LoraLinear4bit", "quantize_model", "dequantize_model",
     # training
     "TrainConfig", "train", "encode_examples", "evaluate", "exact_match", "generate_answers",
 ]

@@ -23,9 +23,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .lora import LoraConfig, LoraLayer, at_least_fp32, in_out_features, is_conv1d
+from .methods.lora import LoraConfig, LoraLayer, at_least_fp32, in_out_features, is_conv1d
+from .methods.qlora import Linear4bit, LoraLinear4bit
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch, as in peft
+
+# The LoRA layer class for each kind of base layer that is not a plain nn.Linear / Conv1D (peft's "dispatchers").
+LORA_LAYER_FOR_BASE = {Linear4bit: LoraLinear4bit}
 
 
 # ----------------------------------------------------------------------------- finding targets
@@ -70,9 +74,9 @@ def find_targets(model: nn.Module, config: LoraConfig, check_rank: bool = True) 
                          f"{' (after exclude_modules)' if config.exclude_modules else ''}. "
                          f"Closest module names: {close or short[:10]}.")
     for name, module in found.items():
-        if not isinstance(module, (nn.Linear, LoraLayer)) and not is_conv1d(module):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA here wraps nn.Linear and GPT-2 "
-                             "Conv1D only. Narrow target_modules so it skips this module.")
+        if not isinstance(module, (nn.Linear, LoraLayer, *LORA_LAYER_FOR_BASE)) and not is_conv1d(module):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA here wraps nn.Linear, Linear4bit and "
+                             "GPT-2 Conv1D only. Narrow target_modules so it skips this module.")
         in_f, out_f = in_out_features(module.base_layer if isinstance(module, LoraLayer) else module)
         if check_rank and config.r > min(in_f, out_f):
             raise ValueError(f"r={config.r} is larger than min(in, out)={min(in_f, out_f)} of layer {name!r} "
@@ -116,7 +120,7 @@ def _inject(model, config, adapter_name, check_rank):
     for name, module in targets.items():
         if not isinstance(module, LoraLayer):
             parent_name, _, child = name.rpartition(".")
-            module = LoraLayer(module)
+            module = LORA_LAYER_FOR_BASE.get(type(module), LoraLayer)(module)
             setattr(model.get_submodule(parent_name), child, module)
         module.add_adapter(adapter_name, config)
     model.lora_configs = {**configs, adapter_name: config}
@@ -358,10 +362,11 @@ class TrainableReport(NamedTuple):
 
 
 def trainable_report(model: nn.Module, verbose: bool = True) -> TrainableReport:
-    """Counts of trainable and all parameters (shared tensors counted once), printed like peft's."""
+    """Counts of trainable and all parameters (shared tensors counted once), printed like peft's. A 4-bit
+    weight counts as the out x in values it stores (peft counts bitsandbytes' packed bytes twice, the same)."""
     params = list(model.parameters())  # parameters() already skips shared duplicates
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params) + sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
     report = TrainableReport(trainable, total, 100.0 * trainable / total if total else 0.0)
     if verbose:
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {report.percent:.4f}")

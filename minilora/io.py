@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .inject import _check_new_name, find_targets, inject, lora_layers
-from .lora import LoraConfig, LoraLayer, in_out_features
+from .methods.lora import LoraConfig, LoraLayer, in_out_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapters, inject, lora_layers, merge,
                              merge_and_unload, set_adapter, trainable_report, unmerge)
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
 from adapters import assert_close_fp32, randomize_adapters

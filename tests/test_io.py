@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from minilora.inject import inject, lora_layers, merge, set_adapter
 from minilora.io import (PEFT_DEFAULTS, config_from_peft_dict, config_to_peft_dict, load_adapter, lora_state_dict,
                          save_adapter)
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 
 
 class MLP(nn.Module):

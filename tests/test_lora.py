@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora.lora import LoraConfig, LoraLayer, is_conv1d
+from minilora.methods.lora import LoraConfig, LoraLayer, is_conv1d
 
 from adapters import assert_close_fp32, rel_fro
 

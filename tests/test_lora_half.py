@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from minilora.inject import add_weighted_adapter, inject, lora_layers, set_adapter, unmerge
 from minilora.io import load_adapter, save_adapter
-from minilora.lora import LoraConfig, LoraLayer
+from minilora.methods.lora import LoraConfig, LoraLayer
 
 from adapters import randomize_adapters, rel_fro
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minilora.inject import inject
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, Seq2SeqLM, get_config
 from minilora.tasks import format_prompt, load_task
 from minilora.tokenizer import load_tokenizer

@@ -19,7 +19,7 @@ import transformers
 
 from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
 from minilora.io import load_adapter, lora_state_dict, save_adapter
-from minilora.lora import LoraConfig
+from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, Seq2SeqLM, get_config
 
 from adapters import randomize_adapters, rel_fro

@@ -90,11 +90,11 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
     if is_conv1d(module):
         return tuple(module.weight.shape)  # (in, out)
-    raise TypeError(f"LoRA wraps nn.Linear and GPT-2 Conv1D, not {type(module).__name__}.")
+    if isinstance(module, nn.Linear) or all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")):
+        return module.in_features, module.out_features  # nn.Linear, and quantised linears (qlora.Linear4bit)
+    raise TypeError(f"LoRA wraps nn.Linear, 4-bit Linear4bit and GPT-2 Conv1D, not {type(module).__name__}.")
 
 
 class LoraLayer(nn.Module):
@@ -129,12 +129,12 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         r = config.r
-        w = self.base_layer.weight
+        base_dtype, device = self.base_dtype_device()
         # peft keeps half-precision bases but trains their adapters in fp32
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, device=w.device, dtype=dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, device=device, dtype=dtype)
         self.r[name], self.scaling[name] = r, config.scaling
         if config.init == "pissa":
             self.pissa_init(name)
@@ -147,10 +147,24 @@ class LoraLayer(nn.Module):
         if config.lora_bias:
             nn.init.zeros_(self.lora_B[name].bias)
 
+    def base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype the base layer computes in, and its device: what a new adapter is built from."""
+        w = self.base_layer.weight
+        return w.dtype, w.device
+
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in), whatever its storage order."""
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
+
+    def set_base_weight_out_in(self, weight: torch.Tensor) -> None:
+        """Overwrite the base weight with an (out, in) tensor, in the base's dtype and storage order."""
+        w = self.base_layer.weight
+        w.data = (weight.T if self.fan_in_fan_out else weight).to(w.dtype)
+
+    def frozen_weight(self):
+        """What `FrozenLinearWithLora` multiplies by: the frozen (out, in) weight itself."""
+        return self.base_layer.weight
 
     @torch.no_grad()
     def pissa_init(self, name: str) -> None:
@@ -163,8 +177,7 @@ class LoraLayer(nn.Module):
         B = U[:, :r] @ torch.diag(S_r.sqrt())  # (out, r)
         self.lora_A[name].weight.data = A.to(self.lora_A[name].weight.dtype)
         self.lora_B[name].weight.data = B.to(self.lora_B[name].weight.dtype)
-        W_res = W - s * B @ A
-        self.base_layer.weight.data = (W_res.T if self.fan_in_fan_out else W_res).to(self.base_layer.weight.dtype)
+        self.set_base_weight_out_in(W - s * B @ A)  # the residual W_res
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """Delta W = scaling * B A in at least fp32, shaped like the stored base weight."""
@@ -223,7 +236,7 @@ class LoraLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.fused and len(pending) == 1 and not args and not kwargs and self.fusable(pending[0], x):
             name = pending[0]
-            return FrozenLinearWithLora.apply(x, self.base_layer.weight, self.base_layer.bias,
+            return FrozenLinearWithLora.apply(x, self.frozen_weight(), self.base_layer.bias,
                                               self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
@@ -238,12 +251,16 @@ class LoraLayer(nn.Module):
         a half-precision base (x in its dtype) with fp32 adapters."""
         base, A = self.base_layer, self.lora_A[name].weight
         half_base = x.dtype in (torch.float16, torch.bfloat16) and A.dtype == torch.float32
-        return (type(base) is nn.Linear and not base.weight.requires_grad
+        return (self.base_is_frozen_linear()
                 and (base.bias is None or not base.bias.requires_grad)
                 and self.lora_B[name].bias is None
                 and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
-                and x.dtype == base.weight.dtype and (A.dtype == x.dtype or half_base)
+                and x.dtype == self.base_dtype_device()[0] and (A.dtype == x.dtype or half_base)
                 and not torch.is_autocast_enabled(x.device.type))
+
+    def base_is_frozen_linear(self) -> bool:
+        """True when the base computes exactly x W^T + b with W frozen, which the fused node then does itself."""
+        return type(self.base_layer) is nn.Linear and not self.base_layer.weight.requires_grad
 
     def mixed_batch_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example i gets adapter names[i] ("__base__": none). Ranks are padded to the largest r with zeros so
@@ -298,10 +315,16 @@ class FrozenLinearWithLora(torch.autograd.Function):
     tests hold the node's error against float64 within twice peft's (outputs and the gradients of A and B,
     which come back in fp32 with a half-precision matmul's accuracy, a few 1e-3 relative).
     bench/lora_step.py measures the whole step against peft and the frozen base.
+
+    `weight` may also be a function that returns it: a 4-bit base (qlora.py) dequantises in the forward and
+    again in the backward, so no (out x in) tensor is kept in between.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        ctx.weight_fn = weight if callable(weight) else None
+        if ctx.weight_fn is not None:
+            weight = ctx.weight_fn()
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # no copy unless the adapters are fp32 on a half base
         h = nn.functional.linear(x2, A)  # (N, r)
@@ -310,7 +333,7 @@ class FrozenLinearWithLora(torch.autograd.Function):
             y += nn.functional.linear(h, B).mul_(scaling)  # the equation's own operations, so equal bits
         else:
             y.addmm_(h, B.t(), alpha=scaling)  # half precision: y + s h B^T rounded once
-        ctx.save_for_backward(x2, weight, A, B, h)
+        ctx.save_for_backward(x2, None if ctx.weight_fn else weight, A, B, h)
         ctx.scaling, ctx.adapter_dtype = scaling, lora_A.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -323,6 +346,7 @@ class FrozenLinearWithLora(torch.autograd.Function):
         g_h = (g @ B_rows.t()).mul_(ctx.scaling)  # dL/dh = s * g B, (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
+            weight = ctx.weight_fn() if ctx.weight_fn else weight
             grad_x = (g_h @ A).addmm_(g, weight).view(*grad.shape[:-1], x2.shape[-1])  # g W + g_h A
         if ctx.needs_input_grad[3]:
             grad_A = (g_h.t() @ x2).to(ctx.adapter_dtype)  # (r, in)

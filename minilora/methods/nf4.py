@@ -1,0 +1,206 @@
+"""NF4: 4-bit NormalFloat quantisation of a weight, block by block (Dettmers et al. 2023, "QLoRA", section 3).
+
+Pretrained weights are roughly normal around zero. NF4 puts its 16 levels at quantiles of N(0, 1), so that each
+level is used about equally often, then scales them to [-1, 1] (section 3, "4-bit NormalFloat"):
+
+    weight  ──flatten──▶  blocks of `blocksize` values  ──÷ absmax of the block──▶  values in [-1, 1]
+            ──nearest of the 16 NF4 levels──▶  a 4-bit code  ──two codes per byte──▶  `packed` (uint8)
+
+    dequantize:  W[i] = NF4[code[i]] * absmax[block of i]
+
+Storage is 4 bits per weight plus one fp32 absmax per block: 4 + 32/64 = 4.5 bits at blocksize 64. Double
+quantisation (section 3, "Double Quantization") stores those absmax values in 8 bits too: their mean is
+subtracted and they are quantised in blocks of 256 with bitsandbytes' dynamic 8-bit map, keeping one fp32 scale
+per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
+
+Everything here is bit-exact with `bitsandbytes.functional.quantize_4bit` / `dequantize_4bit(quant_type="nf4")`
+(tests/reference/test_nf4_bnb.py): the same codebook to the last float32 bit, the same rounding, the same byte
+layout (row-major over the flattened weight, first value in the high nibble, an odd count padded with the code
+of 0.0), and the same 8-bit absmax codes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ABSMAX_BLOCKSIZE = 256  # blocks of absmax values quantised together by double quantisation
+
+# The quantile reached by the largest level. 16 levels from a symmetric quantile grid would miss an exact zero, so
+# the grid is split in two halves: 8 positive levels from quantiles of 1 - 1/(2*16) down to 0.5, and 7 negative
+# ones from 1 - 1/(2*15). The offset is the mean of those two end points, 0.96770833..., which the QLoRA code
+# rounds to 7 digits; the rounded value is the one that gives bitsandbytes' table.
+NF4_OFFSET = 0.9677083
+
+
+def nf4_codebook() -> torch.Tensor:
+    """The 16 NF4 levels, sorted, in float32: -1, 7 negative quantiles, 0, 8 positive quantiles ending at 1.
+
+    Level values are the standard normal quantile function at evenly spaced probabilities (float32 grid, as
+    in the QLoRA code), normalised by the largest so that the set spans [-1, 1]."""
+    p_pos = torch.linspace(NF4_OFFSET, 0.5, 9)[:-1]  # 8 probabilities > 0.5: the positive levels
+    p_neg = torch.linspace(NF4_OFFSET, 0.5, 8)[:-1]  # 7 for the negative levels
+    pos = torch.special.ndtri(p_pos.double())  # normal quantile function, in float64
+    neg = -torch.special.ndtri(p_neg.double())
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).float().sort().values
+    return levels / levels.max()  # normalised in float32, like the reference
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (Dettmers 2016, "8-Bit Approximations for Parallelism"): 256
+    sorted values in [-1, 1]. Code k, for k = 0..6, covers [0.1, 1] * 10^(k-6) with 2^k evenly spaced
+    fraction values (bin centres), for either sign; the last two codes are 0 and 1. Small magnitudes thus keep
+    their relative precision, which suits absmax values that vary by orders of magnitude."""
+    values = []
+    for k in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** k + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        values += (10.0 ** (k - 6) * centres).tolist() + (-(10.0 ** (k - 6)) * centres).tolist()  # float32
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@dataclass
+class NF4Tensor:
+    """A quantised weight. `packed` holds two 4-bit codes per byte; `absmax` one scale per block, float32, or
+    uint8 codes of the dynamic map when double quantised (then `absmax_scale` holds one float32 per 256 blocks
+    and `absmax_offset` the subtracted mean)."""
+
+    packed: torch.Tensor  # uint8, (ceil(numel / 2),)
+    absmax: torch.Tensor  # float32 (blocks,), or uint8 (blocks,) when double quantised
+    shape: torch.Size
+    dtype: torch.dtype  # what dequantize returns
+    blocksize: int
+    absmax_scale: torch.Tensor | None = None  # float32 (ceil(blocks / 256),)
+    absmax_offset: torch.Tensor | None = None  # float32 scalar
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.packed, self.absmax, self.absmax_scale, self.absmax_offset)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def block_absmax(self) -> torch.Tensor:
+        """The float32 absmax of every block, decoded from 8 bits when double quantised."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_8bit(self.absmax, self.absmax_scale, ABSMAX_BLOCKSIZE) + self.absmax_offset
+
+
+def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"quantize takes a torch.Tensor, got {type(weight).__name__}.")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"NF4 quantises float32, float16 or bfloat16 weights, not {weight.dtype}; "
+                        "convert first, e.g. weight.float().")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantise an empty tensor (shape {tuple(weight.shape)}).")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (got {blocksize!r}); 64 is QLoRA's choice.")
+    if not weight.is_meta and not torch.isfinite(weight).all():  # meta: shapes and bytes only, no values
+        raise ValueError("the weight contains NaN or Inf; NF4 scales each block by its largest |value|, so one "
+                         "non-finite value would corrupt its whole block. Fix the weight before quantising.")
+
+
+def _blocks_and_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values scaled into [-1, 1] block by block, and each block's absmax (float32 throughout).
+
+    Full blocks are multiplied by 1/absmax and a partial last block divided by its absmax, as bitsandbytes
+    does (the two round differently); an all-zero block gets absmax 0 and scales by 1/1e-38."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).view(-1)
+    if full < n:
+        last_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last_max.view(1)])  # stored clamped, unlike full blocks (as bitsandbytes)
+        scaled = torch.cat([scaled, flat[full:] / last_max])
+    return scaled, absmax
+
+
+def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantise `weight` (any shape) to NF4 in blocks of `blocksize` consecutive values of its flattened form."""
+    _check_weight(weight, blocksize)
+    flat = weight.detach().reshape(-1).float()  # no copy for a contiguous float32 weight
+    scaled, absmax = _blocks_and_absmax(flat, blocksize)
+    levels = nf4_codebook().to(weight.device)
+    # nearest level: bucketize against the 15 midpoints (a value on a midpoint goes to the lower level)
+    codes = torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2, out_int32=True).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0
+    packed = (codes[0::2] << 4) | codes[1::2]  # first value of each pair in the high nibble
+    q = NF4Tensor(packed, absmax, weight.shape, weight.dtype, blocksize)
+    if double_quant:
+        q.absmax_offset = absmax.mean()
+        q.absmax, q.absmax_scale = quantize_8bit(absmax - q.absmax_offset, ABSMAX_BLOCKSIZE)
+    return q
+
+
+# Nibble pairs: byte b decodes to (NF4[b >> 4], NF4[b & 15]); one gather of this (256, 2) table per byte
+# replaces two shifts, two gathers and an interleave.
+def _byte_table(device: torch.device) -> torch.Tensor:
+    levels = nf4_codebook().to(device)
+    b = torch.arange(256, device=device)
+    return torch.stack([levels[b >> 4], levels[b & 15]], dim=1)  # (256, 2)
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def dequantize(q: NF4Tensor) -> torch.Tensor:
+    """The weight back, in its original dtype and shape: NF4[code] * absmax, formed in float32 then rounded."""
+    device = q.packed.device
+    if device not in _TABLES:
+        _TABLES[device] = _byte_table(device)
+    n, bs = q.numel, q.blocksize
+    values = _TABLES[device][q.packed.long()].view(-1)[:n]  # (n,) float32 levels
+    absmax = q.block_absmax()
+    full = n - n % bs
+    out = torch.empty(n, dtype=q.dtype, device=device)
+    # multiply in float32 and round once on the way out, as the reference kernels do
+    torch.mul(values[:full].view(-1, bs), absmax[: full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.view(q.shape)
+
+
+# ----------------------------------------------------------------------------- 8-bit absmax (double quantisation)
+
+def quantize_8bit(x: torch.Tensor, blocksize: int = ABSMAX_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantisation of a float32 vector with the dynamic map, as bitsandbytes' CPU kernel does
+    it: each value is scaled by 1/absmax of its block, snapped to a 65536-step grid on [-1, 1], and that grid
+    point is assigned its nearest code (ties to the lower one). Returns (codes uint8, absmax per block)."""
+    code = dynamic_map().to(x.device)
+    blocks = torch.nn.functional.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # zero padding never changes a block's absmax
+    inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # an all-zero block gets code 0 throughout
+    scaled = (blocks * inverse.unsqueeze(1)).clamp(-1, 1)
+    grid = torch.addcmul(torch.full_like(scaled, 0.5), scaled + 1, torch.tensor(0.5 * 65535.0))  # one rounding
+    step = grid.to(torch.int32)  # truncation toward zero, like the C cast
+    grid_values = -1.0 + (2.0 * torch.arange(65536, device=x.device, dtype=torch.float32)) / 65535
+    table = torch.bucketize(grid_values, (code[:-1] + code[1:]) * 0.5, right=False).to(torch.uint8)
+    codes = torch.where((absmax > 0).unsqueeze(1), table[step], 0).view(-1)[: x.numel()]
+    return codes, absmax
+
+
+def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = ABSMAX_BLOCKSIZE) -> torch.Tensor:
+    values = dynamic_map().to(codes.device)[codes.long()]
+    padded = torch.nn.functional.pad(values, (0, -values.numel() % blocksize)).view(-1, blocksize)
+    return (padded * absmax.unsqueeze(1)).view(-1)[: codes.numel()]
