@@ -20,3 +20,16 @@ def test_api_at_a_glance_runs(tmp_path, monkeypatch, capsys):
     ml = namespace["ml"]
     assert not any(isinstance(m, ml.LoraLayer) for m in namespace["merged"].modules())
     assert "trainable params: 14,336" in capsys.readouterr().out
+
+
+def test_qlora_example_runs_after_the_api_example(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    first, qlora = re.findall(r"```python\n(.*?)```", readme.split("## API at a glance", 1)[1], re.S)[:2]
+    assert "quantize_model" in qlora and qlora.count("steps=200") == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    exec(compile(qlora.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    ml = namespace["ml"]
+    kinds = {type(m) for m in namespace["full"].modules()}
+    assert not kinds & {ml.Linear4bit, ml.LoraLayer, ml.LoraLinear4bit}
