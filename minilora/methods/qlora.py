@@ -43,7 +43,8 @@ class LinearNF4(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         grad_x = grad @ ctx.weight_fn() if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
-        return grad_x, None, None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # bias="all"
+        return grad_x, None, grad_bias
 
 
 class Linear4bit(nn.Module):
@@ -73,7 +74,10 @@ class Linear4bit(nn.Module):
                    dtype: torch.dtype | None = None) -> None:
         """(Re-)quantise an (out, in) weight; block size, double quantisation and dtype default to the current."""
         old = getattr(self, "packed", None) is not None
-        q = quantize(weight.detach(), blocksize or self.blocksize,
+        weight = weight.detach()
+        if weight.dtype == torch.float64:  # a float64 layer's merge or PiSSA residual: NF4 codes come from fp32 anyway
+            weight = weight.float()
+        q = quantize(weight, blocksize or self.blocksize,
                      self.double_quant if double_quant is None else double_quant)
         q.dtype = dtype or (self.weight_dtype if old else weight.dtype)
         for name in ("packed", "absmax", "absmax_scale", "absmax_offset"):
@@ -89,6 +93,17 @@ class Linear4bit(nn.Module):
         """The quantised weight (it has `.shape`, `.dtype`, `.device` and `.nbytes` like a tensor)."""
         return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
                          self.weight_dtype, self.blocksize, self.absmax_scale, self.absmax_offset)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, `.double()` set the compute dtype (the bias follows); the NF4 scales belong to
+        the codes and stay float32, only changing device (like bitsandbytes' quantisation state)."""
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device))  # where fn sends a tensor
+        scales = {name: self._buffers.pop(name) for name in ("absmax", "absmax_scale", "absmax_offset")}
+        super()._apply(fn, recurse)
+        for name, t in scales.items():
+            self._buffers[name] = None if t is None else t.to(probe.device)
+        self.compute_dtype = probe.dtype
+        return self
 
     def dequantized_weight(self) -> torch.Tensor:
         """W in the compute dtype, (out, in): a new tensor each call."""
@@ -126,6 +141,11 @@ class LoraLinear4bit(LoraLayer):
     def base_is_frozen_linear(self) -> bool:
         return True
 
+    def merged_weights(self, name: str) -> tuple[torch.Tensor, None]:
+        """dequantize(W_NF4) + Delta W in at least fp32, (out, in): the sum `merge` re-quantises, and what
+        inject's safe_merge checks for NaN/Inf before any layer is written."""
+        return at_least_fp32(self.base_weight_out_in()) + self.delta_weight(name), None
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         """W_NF4 <- quantize(dequantize(W_NF4) + s B A): lossy; the relative error of the re-quantised sum
@@ -136,7 +156,7 @@ class LoraLinear4bit(LoraLayer):
             if self.lora_B[name].bias is not None:
                 raise ValueError(f"adapter {name!r} has lora_bias; merging a bias into a 4-bit base is not supported. "
                                  "Merge into a full-precision copy instead: merge_and_unload(dequantize_model(model)).")
-            exact = at_least_fp32(self.base_weight_out_in()) + self.delta_weight(name)
+            exact, _ = self.merged_weights(name)
             if safe_merge and not exact.isfinite().all():
                 raise ValueError(f"merging adapter {name!r} gives NaN/Inf weights; the base was left untouched.")
             self.set_base_weight_out_in(exact)
