@@ -67,6 +67,7 @@ data: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/lora_step.py
+	$(PY) bench/nf4.py
 
 # Mutation testing of the method files with the tests that exercise them (tests/README.md); not part of
 # `make test`. Configured in pyproject's [tool.mutmut]; starts fresh so the score is the current code's.

@@ -19,6 +19,7 @@ layout (row-major over the flattened weight, first value in the high nibble, an 
 of 0.0), and the same 8-bit absmax codes.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +112,29 @@ def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
                         "convert first, e.g. weight.float().")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantise an empty tensor (shape {tuple(weight.shape)}).")
+    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool):
+        raise TypeError(f"blocksize must be an int, one of {BLOCKSIZES} (got {blocksize!r}).")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} (got {blocksize!r}); 64 is QLoRA's choice.")
-    if not weight.is_meta and not torch.isfinite(weight).all():  # meta: shapes and bytes only, no values
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    # a NaN or Inf anywhere makes its block's absmax NaN or Inf, so checking the absmax checks every value
+    if not absmax.is_meta and not torch.isfinite(absmax).all():  # meta: shapes and bytes only, no values
         raise ValueError("the weight contains NaN or Inf; NF4 scales each block by its largest |value|, so one "
                          "non-finite value would corrupt its whole block. Fix the weight before quantising.")
+
+
+# The CPU works through a weight CHUNK values at a time, so that the temporaries of one chunk (a few MB of float32
+# values, codes, indices) stay in cache between the passes over them. All BLOCKSIZES divide it, so chunks hold
+# whole blocks. A GPU takes the whole tensor at once.
+CHUNK = 2 ** 20
+
+
+def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of a flattened weight of n values."""
+    step = CHUNK if device.type == "cpu" else n
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _blocks_and_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,17 +154,36 @@ def _blocks_and_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     return scaled, absmax
 
 
+def _nearest_codes(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
+    """The code of the nearest level for every value: the number of the 15 midpoints between levels that lie
+    below it (a value on a midpoint goes to the lower level, as in bitsandbytes). Values beyond [-1, 1] get code
+    0 or 15. Fifteen vectorised comparisons of a cached chunk take about half the time of torch.bucketize's
+    binary search per value, which gives the same codes."""
+    codes = torch.gt(scaled, midpoints[0]).to(torch.uint8)
+    for m in midpoints[1:]:
+        codes += scaled > m  # in place, uint8
+    return codes
+
+
 def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantise `weight` (any shape) to NF4 in blocks of `blocksize` consecutive values of its flattened form."""
     _check_weight(weight, blocksize)
-    flat = weight.detach().reshape(-1).float()  # no copy for a contiguous float32 weight
-    scaled, absmax = _blocks_and_absmax(flat, blocksize)
-    levels = nf4_codebook().to(weight.device)
-    # nearest level: bucketize against the 15 midpoints (a value on a midpoint goes to the lower level)
-    codes = torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2, out_int32=True).to(torch.uint8)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0
-    packed = (codes[0::2] << 4) | codes[1::2]  # first value of each pair in the high nibble
+    flat = weight.detach().reshape(-1)  # (n,)
+    n, device = flat.numel(), flat.device
+    levels = nf4_codebook()
+    midpoints = ((levels[:-1] + levels[1:]) / 2).tolist()  # float32 midpoints, as Python floats (exact)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    for start, stop in _chunks(n, device):
+        chunk = flat[start:stop].float()  # no copy if already float32
+        scaled, chunk_absmax = _blocks_and_absmax(chunk, blocksize)
+        absmax[start // blocksize:start // blocksize + chunk_absmax.numel()] = chunk_absmax
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))  # an odd count is padded with 0.0 (code 7)
+        codes = _nearest_codes(scaled, midpoints)
+        # first value of each pair in the high nibble, written straight into `packed`
+        torch.add(codes[1::2], codes[0::2], alpha=16, out=packed[start // 2:start // 2 + codes.numel() // 2])
+    _check_finite(absmax)
     q = NF4Tensor(packed, absmax, weight.shape, weight.dtype, blocksize)
     if double_quant:
         q.absmax_offset = absmax.mean()
@@ -153,12 +191,14 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Fal
     return q
 
 
-# Nibble pairs: byte b decodes to (NF4[b >> 4], NF4[b & 15]); one gather of this (256, 2) table per byte
-# replaces two shifts, two gathers and an interleave.
+# Nibble pairs: byte b decodes to (NF4[b >> 4], NF4[b & 15]). Each pair of float32 levels is stored as one
+# 8-byte integer, so decoding is a single 1-d index_select of whole pairs (int32 indices), which runs about
+# three times faster than gathering rows of a (256, 2) table; the integer view copies the bits unchanged.
 def _byte_table(device: torch.device) -> torch.Tensor:
     levels = nf4_codebook().to(device)
     b = torch.arange(256, device=device)
-    return torch.stack([levels[b >> 4], levels[b & 15]], dim=1)  # (256, 2)
+    pairs = torch.stack([levels[b >> 4], levels[b & 15]], dim=1)  # (256, 2) float32
+    return pairs.view(torch.int64).view(256)  # (256,): pair b as 8 bytes
 
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -169,15 +209,19 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
     device = q.packed.device
     if device not in _TABLES:
         _TABLES[device] = _byte_table(device)
+    table = _TABLES[device]
     n, bs = q.numel, q.blocksize
-    values = _TABLES[device][q.packed.long()].view(-1)[:n]  # (n,) float32 levels
     absmax = q.block_absmax()
-    full = n - n % bs
     out = torch.empty(n, dtype=q.dtype, device=device)
-    # multiply in float32 and round once on the way out, as the reference kernels do
-    torch.mul(values[:full].view(-1, bs), absmax[: full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
-    if full < n:
-        out[full:] = values[full:] * absmax[-1]
+    for start, stop in _chunks(n, device):
+        codes = q.packed[start // 2:(stop + 1) // 2]  # one byte per pair of values
+        values = table.index_select(0, codes.int()).view(torch.float32)[:stop - start]  # (stop - start,) levels
+        first, full = start // bs, (stop - start) // bs  # this chunk's first block, and its number of full blocks
+        # multiply in float32 and round once on the way out, as the reference kernels do
+        torch.mul(values[:full * bs].view(full, bs), absmax[first:first + full].unsqueeze(1),
+                  out=out[start:start + full * bs].view(full, bs))
+        if full * bs < stop - start:  # the partial last block
+            out[start + full * bs:stop] = values[full * bs:] * absmax[-1]
     return out.view(q.shape)
 
 
