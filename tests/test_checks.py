@@ -307,3 +307,227 @@ def test_exercise_error_is_an_assertion_shown_without_traceback():
     error = ExerciseError("lora_forward is not implemented yet.")
     assert isinstance(error, AssertionError)
     assert error._render_traceback_() == ["ExerciseError: lora_forward is not implemented yet."]
+
+
+# ============================================================================= lesson 02: QLoRA and NF4
+
+def nf4_storage_bytes(numel, blocksize, double_quant):
+    blocks, codes = -(-numel // blocksize), -(-numel // 2)
+    if not double_quant:
+        return codes + 4 * blocks
+    return codes + blocks + 4 * -(-blocks // 256) + 4  # uint8 absmax, a float32 scale per 256 blocks, the mean
+
+
+def nf4_codes(block, levels):
+    scaled = block / block.abs().max()
+    return (scaled.unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+
+
+def pack_codes(codes):
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_codes(packed, n):
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n]
+
+
+def dequantize_nf4(packed, absmax, shape, blocksize, levels):
+    n = math.prod(shape)
+    return (levels[unpack_codes(packed, n).long()] * absmax.repeat_interleave(blocksize)[:n]).view(shape)
+
+
+def qlora_forward(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+    W = dequantize_nf4(packed, absmax, shape, blocksize, levels)
+    return x @ W.T + (alpha / r) * ((x @ A.T) @ B.T)
+
+
+def dequantize_with_package(packed, absmax, shape, blocksize, levels):
+    return ml.dequantize(ml.NF4Tensor(packed, absmax, torch.Size(shape), torch.float32, blocksize))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lesson_02_right_answers_pass(seed, capsys):
+    checks.nf4_storage_bytes(nf4_storage_bytes, seed=seed)
+    checks.nf4_codes(nf4_codes, seed=seed)
+    checks.pack_unpack(pack_codes, unpack_codes, seed=seed)
+    checks.dequantize_nf4(dequantize_nf4, seed=seed)
+    checks.dequantize_nf4(dequantize_with_package, seed=seed)
+    checks.qlora_forward(qlora_forward, seed=seed)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("✓ ") for line in lines) == 6
+    assert "(4.500 bits per weight)" in lines[1] and "(4.127 bits per weight)" in lines[1]
+
+
+def test_lesson_02_checks_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    checks.nf4_codes(nf4_codes)
+    checks.qlora_forward(qlora_forward)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- 1. bytes of a 4-bit weight
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_storage_rejects_common_mistakes(seed):
+    def absmax_rounded_down(numel, blocksize, dq):  # a partial last block forgotten
+        blocks = numel // blocksize
+        return -(-numel // 2) + (blocks + 4 * -(-blocks // 256) + 4 if dq else 4 * blocks)
+
+    def no_offset(numel, blocksize, dq):
+        return nf4_storage_bytes(numel, blocksize, dq) - (4 if dq else 0)
+
+    def no_second_scales(numel, blocksize, dq):
+        blocks = -(-numel // blocksize)
+        return nf4_storage_bytes(numel, blocksize, dq) - (4 * -(-blocks // 256) if dq else 0)
+
+    def fp32_absmax_always(numel, blocksize, dq):
+        return nf4_storage_bytes(numel, blocksize, False)
+
+    def one_byte_per_code(numel, blocksize, dq):
+        return nf4_storage_bytes(numel, blocksize, dq) + numel // 2
+
+    def fp16_absmax(numel, blocksize, dq):
+        return -(-numel // 2) + 2 * -(-numel // blocksize)
+
+    fails_with(checks.nf4_storage_bytes, absmax_rounded_down, hint="partial block", seed=seed)
+    fails_with(checks.nf4_storage_bytes, no_offset, hint="mean of the absmax values", seed=seed)
+    fails_with(checks.nf4_storage_bytes, no_second_scales, hint="one per group of 256", seed=seed)
+    fails_with(checks.nf4_storage_bytes, fp32_absmax_always, hint="stored in 8 bits, not 32", seed=seed)
+    fails_with(checks.nf4_storage_bytes, one_byte_per_code, hint="two 4-bit codes share one byte", seed=seed)
+    fails_with(checks.nf4_storage_bytes, fp16_absmax, hint="float32, 4 bytes", seed=seed)
+    message = fails_with(checks.nf4_storage_bytes, lambda *a: nf4_storage_bytes(*a) + 1, hint="count each stored",
+                         seed=seed)
+    assert "too many" in message and "expected" not in message  # says what is wrong, not the answer
+
+
+def test_storage_must_be_an_int():
+    fails_with(checks.nf4_storage_bytes, lambda *a: float(nf4_storage_bytes(*a)), hint="whole number of bytes")
+
+
+def test_storage_odd_count_needs_its_byte():
+    fails_with(checks.nf4_storage_bytes, lambda n, bs, dq: nf4_storage_bytes(n, bs, dq) - n % 2,
+               hint="an odd number of codes")
+
+
+# ----------------------------------------------------------------------------- 2. the nearest NF4 level
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_codes_reject_common_mistakes(seed):
+    def unscaled(block, levels):
+        return (block.unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+
+    def by_max(block, levels):  # the largest value, which is not the largest |value| when that one is negative
+        return ((block / block.max()).unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+
+    def int4(block, levels):
+        return ((block / block.abs().max() * 7).round() + 7).to(torch.uint8)
+
+    def next_level_up(block, levels):
+        return torch.bucketize(block / block.abs().max(), levels).clamp(max=15).to(torch.uint8)
+
+    fails_with(checks.nf4_codes, unscaled, hint="scale the block into [-1, 1] first", seed=seed)
+    fails_with(checks.nf4_codes, by_max, hint="furthest from zero is negative", seed=seed)
+    fails_with(checks.nf4_codes, int4, hint="15 evenly spaced levels, like int4", seed=seed)
+    fails_with(checks.nf4_codes, next_level_up, hint="not the next one up", seed=seed)
+    fails_with(checks.nf4_codes, lambda b, levels: nf4_codes(b, levels).long(), hint="expected torch.uint8", seed=seed)
+
+
+# ----------------------------------------------------------------------------- 3. two codes per byte
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_packing_rejects_common_mistakes(seed):
+    def low_nibble_first(codes):
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), 7)])
+        return (codes[1::2] << 4) | codes[0::2]
+
+    def zero_padding(codes):
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        return (codes[0::2] << 4) | codes[1::2]
+
+    def no_padding(codes):
+        codes = codes[: codes.numel() - codes.numel() % 2]
+        return (codes[0::2] << 4) | codes[1::2]
+
+    def unpack_low_first(packed, n):
+        return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:n]
+
+    def unpack_keeps_padding(packed, n):
+        return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)
+
+    fails_with(checks.pack_unpack, low_nibble_first, unpack_codes, hint="goes in the high nibble", seed=seed)
+    fails_with(checks.pack_unpack, zero_padding, unpack_codes, hint="code 0 is the level -1", seed=seed)
+    fails_with(checks.pack_unpack, no_padding, unpack_codes, hint="the last code is missing", seed=seed)
+    fails_with(checks.pack_unpack, pack_codes, unpack_low_first, hint="high nibble holds the first code", seed=seed)
+    fails_with(checks.pack_unpack, pack_codes, unpack_keeps_padding, hint="drop the padding code", seed=seed)
+
+
+# ----------------------------------------------------------------------------- 4. dequantising
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dequantize_rejects_common_mistakes(seed):
+    def no_absmax(packed, absmax, shape, blocksize, levels):
+        return levels[unpack_codes(packed, math.prod(shape)).long()].view(shape)
+
+    def divides(packed, absmax, shape, blocksize, levels):
+        n = math.prod(shape)
+        return (levels[unpack_codes(packed, n).long()] / absmax.repeat_interleave(blocksize)[:n]).view(shape)
+
+    def low_nibble_first(packed, absmax, shape, blocksize, levels):
+        n = math.prod(shape)
+        codes = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:n].long()
+        return (levels[codes] * absmax.repeat_interleave(blocksize)[:n]).view(shape)
+
+    def tiled_absmax(packed, absmax, shape, blocksize, levels):
+        n = math.prod(shape)
+        return (levels[unpack_codes(packed, n).long()] * absmax.repeat(-(-n // absmax.numel()))[:n]).view(shape)
+
+    fails_with(checks.dequantize_nf4, no_absmax, hint="the levels alone", seed=seed)
+    fails_with(checks.dequantize_nf4, divides, hint="undo that division", seed=seed)
+    fails_with(checks.dequantize_nf4, low_nibble_first, hint="high nibble of each byte", seed=seed)
+    fails_with(checks.dequantize_nf4, tiled_absmax, hint="consecutive values share", seed=seed)
+    fails_with(checks.dequantize_nf4, lambda *a: dequantize_nf4(*a).flatten(), hint="has the wrong shape", seed=seed)
+
+
+# ----------------------------------------------------------------------------- 5. the QLoRA forward
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_qlora_forward_rejects_common_mistakes(seed):
+    def levels_only(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+        return qlora_forward(x, packed, torch.ones_like(absmax), shape, blocksize, levels, A, B, alpha, r)
+
+    def no_scaling(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+        return qlora_forward(x, packed, absmax, shape, blocksize, levels, A, B, r, r)
+
+    def no_update(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+        return x @ dequantize_nf4(packed, absmax, shape, blocksize, levels).T
+
+    def detached(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+        return qlora_forward(x, packed, absmax, shape, blocksize, levels, A.detach(), B.detach(), alpha, r)
+
+    def transposed_update(x, packed, absmax, shape, blocksize, levels, A, B, alpha, r):
+        W = dequantize_nf4(packed, absmax, shape, blocksize, levels)
+        return x @ W.T + (alpha / r) * ((x @ B) @ A)  # the first trial is square
+
+    fails_with(checks.qlora_forward, levels_only, hint="absmax of each block", seed=seed)
+    fails_with(checks.qlora_forward, no_scaling, hint="missing its scaling", seed=seed)
+    fails_with(checks.qlora_forward, no_update, hint="update is missing", seed=seed)
+    fails_with(checks.qlora_forward, detached, hint="no gradient reached A", seed=seed)
+    fails_with(checks.qlora_forward, transposed_update, hint="the update is transposed", seed=seed)
+
+
+def test_lesson_02_not_implemented_yet_is_reported_as_such():
+    def placeholder(*args):
+        raise NotImplementedError()
+
+    for check, answers in [(checks.nf4_storage_bytes, [placeholder]), (checks.nf4_codes, [placeholder]),
+                           (checks.dequantize_nf4, [placeholder]), (checks.qlora_forward, [placeholder]),
+                           (checks.pack_unpack, [placeholder, unpack_codes])]:
+        message = fails_with(check, *answers, hint="is not implemented yet")
+        assert "Hint:" in message
+    fails_with(checks.pack_unpack, pack_codes, placeholder, hint="unpack_codes is not implemented yet")
