@@ -28,10 +28,11 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ABSMAX_BLOCKSIZE = 256  # blocks of absmax values quantised together by double quantisation
 
-# The quantile reached by the largest level. 16 levels from a symmetric quantile grid would miss an exact zero, so
-# the grid is split in two halves: 8 positive levels from quantiles of 1 - 1/(2*16) down to 0.5, and 7 negative
-# ones from 1 - 1/(2*15). The offset is the mean of those two end points, 0.96770833..., which the QLoRA code
-# rounds to 7 digits; the rounded value is the one that gives bitsandbytes' table.
+# The probability at which the largest level sits, in both halves. 16 levels from one symmetric quantile grid would
+# miss an exact zero, so the grid is split: 8 positive levels and 7 negative ones, each half running from this
+# probability down to 0.5. 0.9677083 equals, to 7 digits, the mean of 1 - 1/(2*16) and 1 - 1/(2*15) (929/960), the
+# end points of a 16- and a 15-level grid; the authors have not said how they chose it. It is the QLoRA code's
+# value, and the one that reproduces bitsandbytes' table bit for bit.
 NF4_OFFSET = 0.9677083
 
 
