@@ -420,9 +420,10 @@ def test_quantize_model_on_a_half_precision_model_keeps_its_dtype_for_compute():
     assert model(torch.randint(3, 64, (2, 5))).logits.dtype == torch.bfloat16
 
 
-def test_converting_a_quantised_model_to_another_dtype_changes_compute_not_codes():
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_converting_a_quantised_model_to_another_dtype_changes_compute_not_codes(double_quant):
     torch.manual_seed(0)
-    model = ml.quantize_model(MLP(), skip=[], double_quant=True)
+    model = ml.quantize_model(MLP(), skip=[], double_quant=double_quant)
     codes = {n: b.clone() for n, b in model.named_buffers()}
     W = {n: decoded(m) for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
     x = torch.randn(3, 64)
@@ -626,6 +627,28 @@ def test_dequantize_then_merge_and_unload_gives_the_4bit_model_with_its_adapter(
     # the merge itself is exact: W' = dequantize(W) + s B A, with nothing rounded to 4 bits
     for name, layer in lora_layers(model).items():
         assert_close_fp32(full.get_submodule(name).weight, exact_merge(layer))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_dequantize_model_gives_frozen_linears_with_the_decoded_weights_and_biases(dtype):
+    torch.manual_seed(0)
+    model = ml.quantize_model(MLP(), skip=[])
+    ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=["lin1"]))  # lin0 and lin2 stay plain Linear4bit
+    W = {n: decoded(m) for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
+    biases = {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
+    full = ml.dequantize_model(copy.deepcopy(model), dtype=dtype)
+    want_dtype = dtype or torch.float32  # default: each layer's compute dtype
+    for name in W:  # "lin0", "lin1.base_layer", "lin2"
+        lin = full.get_submodule(name)
+        assert type(lin) is nn.Linear and lin.weight.dtype == lin.bias.dtype == want_dtype
+        assert torch.equal(lin.weight, W[name].to(want_dtype)) and torch.equal(lin.bias, biases[name].to(want_dtype))
+        assert not lin.weight.requires_grad and not lin.bias.requires_grad  # still a frozen base
+    assert type(full.lin1) is LoraLayer and full.lin1.lora_A["default"].weight.requires_grad
+
+
+def test_linear4bit_defaults_are_qlora_blocksize_64_without_double_quantisation():
+    layer = ml.Linear4bit(torch.randn(8, 128))
+    assert layer.blocksize == 64 and not layer.double_quant and layer.absmax.numel() == 8 * 128 // 64
 
 
 def test_full_precision_merge_of_a_float64_4bit_model_is_exact():
