@@ -420,6 +420,12 @@ def test_quantize_model_on_a_half_precision_model_keeps_its_dtype_for_compute():
     assert model(torch.randint(3, 64, (2, 5))).logits.dtype == torch.bfloat16
 
 
+def test_moving_a_quantised_model_to_a_device_keeps_its_compute_dtype():
+    model = ml.quantize_model(tiny_decoder().to(torch.bfloat16))
+    model.to("cpu")  # a device move passes every floating tensor through fn without changing its dtype
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, ml.Linear4bit)} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_converting_a_quantised_model_to_another_dtype_changes_compute_not_codes(double_quant):
     torch.manual_seed(0)
