@@ -571,10 +571,9 @@ def _expect_codes(got, want: torch.Tensor, what: str, mistakes: list[tuple[torch
 
 # ----------------------------------------------------------------------------- 1. bytes of a 4-bit weight
 
-STORAGE_HINT = ("count each stored tensor: the 4-bit codes, two to a byte; one float32 absmax per block of "
-                "`blocksize` values, a last partial block included; with double quantisation, one uint8 code per "
-                "block instead, plus one float32 scale per group of 256 blocks and the float32 mean that was "
-                "subtracted.")
+STORAGE_HINT = ("count each stored tensor the exercise lists, with and without double quantisation: how many "
+                "elements it has (round up where a last block or group is partial) and how many bytes one element "
+                "takes in its dtype.")
 
 
 @checker
