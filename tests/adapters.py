@@ -1,8 +1,43 @@
 """Helpers shared by the tests (importable because pyproject puts tests/ on pytest's pythonpath)."""
 
 import torch
+import torch.nn as nn
 
+from minilora import DecoderLM, get_config
 from minilora.inject import lora_layers
+
+
+class MLP(nn.Module):
+    """Linear layers lin0, lin1, ... with a ReLU between them: MLP(64, 128, 24) is 64 -> 128 -> 24."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.depth = len(dims) - 1
+        for i in range(self.depth):
+            setattr(self, f"lin{i}", nn.Linear(dims[i], dims[i + 1]))
+
+    def forward(self, x):
+        for i in range(self.depth):
+            x = getattr(self, f"lin{i}")(x)
+            x = torch.relu(x) if i < self.depth - 1 else x
+        return x
+
+
+def tiny_decoder(d_model: int = 32, d_ff: int = 48) -> DecoderLM:
+    """A two-layer Llama-style DecoderLM with GQA (4 heads, 2 key/value heads), vocabulary 64, in eval mode."""
+    cfg = get_config("decoder-tiny", vocab_size=64, d_model=d_model, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=d_ff,
+                     max_seq_len=32)
+    return DecoderLM(cfg).eval()
+
+
+def tiny_llama(hidden_size: int = 32, intermediate_size: int = 48):
+    """Hugging Face's LlamaForCausalLM of the same shape as `tiny_decoder`, random weights, in eval mode."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def randomize_adapters(model, name="default", seed=0, std=0.1):

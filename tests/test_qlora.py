@@ -22,7 +22,7 @@ import minilora as ml
 from minilora.inject import lora_layers
 from minilora.methods.lora import LoraLayer
 
-from adapters import assert_close_fp32, max_rel_err, randomize_adapters, rel_fro
+from adapters import MLP, assert_close_fp32, max_rel_err, randomize_adapters, rel_fro, tiny_decoder
 
 # The 16 NF4 levels as printed in the QLoRA paper, appendix E (float32 values).
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -76,23 +76,6 @@ def assert_codes_are_nf4_of(layer: ml.Linear4bit, w: torch.Tensor):
 
 # ----------------------------------------------------------------------------- models
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(64, 128)
-        self.lin1 = nn.Linear(128, 64)
-        self.lin2 = nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
-def tiny_decoder():
-    cfg = ml.get_config("decoder-tiny", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                        max_seq_len=32)
-    return ml.DecoderLM(cfg).eval()
-
-
 def tiny_seq2seq():
     cfg = ml.get_config("seq2seq-tiny", vocab_size=64, d_model=64, n_encoder_layers=2, n_layers=2, n_heads=4,
                         d_ff=128, max_seq_len=32)
@@ -103,7 +86,7 @@ def seq2seq_batch():
     return {"input_ids": torch.randint(3, 64, (3, 9)), "decoder_input_ids": torch.randint(3, 64, (3, 6))}
 
 
-MODELS = {"decoder": (tiny_decoder, lambda: {"input_ids": torch.randint(3, 64, (3, 10))}),
+MODELS = {"decoder": (lambda: tiny_decoder(64, 128), lambda: {"input_ids": torch.randint(3, 64, (3, 10))}),
           "seq2seq": (tiny_seq2seq, seq2seq_batch)}
 
 
@@ -233,7 +216,7 @@ def test_fused_node_equals_the_plain_path_on_a_4bit_base():
 
 def test_base_bias_of_a_4bit_layer_trains_with_bias_lora_only():
     torch.manual_seed(0)
-    model = ml.inject(ml.quantize_model(MLP(), skip=[]), ml.LoraConfig(r=4, target_modules=["lin0", "lin2"],
+    model = ml.inject(ml.quantize_model(MLP(64, 128, 64, 16), skip=[]), ml.LoraConfig(r=4, target_modules=["lin0", "lin2"],
                                                                         bias="lora_only"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable >= {"lin0.base_layer.bias", "lin2.base_layer.bias"}
@@ -387,13 +370,13 @@ def test_quantize_model_replaces_every_linear_except_the_head(kind):
 
 
 def test_skip_takes_full_names_and_name_suffixes():
-    model = ml.quantize_model(tiny_decoder(), skip=["lm_head", "down_proj", "model.layers.0.self_attn.q_proj"])
+    model = ml.quantize_model(tiny_decoder(64, 128), skip=["lm_head", "down_proj", "model.layers.0.self_attn.q_proj"])
     kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
     assert kept == {"lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                     "model.layers.0.self_attn.q_proj"}
-    model = ml.quantize_model(tiny_decoder(), skip="lm_head")  # one name as a string
+    model = ml.quantize_model(tiny_decoder(64, 128), skip="lm_head")  # one name as a string
     assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == {"lm_head"}
-    model = ml.quantize_model(tiny_decoder(), skip=["proj"])  # a suffix must be a whole name part
+    model = ml.quantize_model(tiny_decoder(64, 128), skip=["proj"])  # a suffix must be a whole name part
     assert not any(type(m) is nn.Linear for m in model.modules()) and isinstance(model.lm_head, ml.Linear4bit)
 
 
@@ -414,14 +397,14 @@ def test_quantised_model_computes_the_model_with_dequantised_weights_bit_for_bit
 
 
 def test_quantize_model_on_a_half_precision_model_keeps_its_dtype_for_compute():
-    model = ml.quantize_model(tiny_decoder().to(torch.bfloat16))
+    model = ml.quantize_model(tiny_decoder(64, 128).to(torch.bfloat16))
     layers = [m for m in model.modules() if isinstance(m, ml.Linear4bit)]
     assert {(m.weight_dtype, m.compute_dtype) for m in layers} == {(torch.bfloat16, torch.bfloat16)}
     assert model(torch.randint(3, 64, (2, 5))).logits.dtype == torch.bfloat16
 
 
 def test_moving_a_quantised_model_to_a_device_keeps_its_compute_dtype():
-    model = ml.quantize_model(tiny_decoder().to(torch.bfloat16))
+    model = ml.quantize_model(tiny_decoder(64, 128).to(torch.bfloat16))
     model.to("cpu")  # a device move passes every floating tensor through fn without changing its dtype
     assert {m.compute_dtype for m in model.modules() if isinstance(m, ml.Linear4bit)} == {torch.bfloat16}
 
@@ -429,7 +412,7 @@ def test_moving_a_quantised_model_to_a_device_keeps_its_compute_dtype():
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_converting_a_quantised_model_to_another_dtype_changes_compute_not_codes(double_quant):
     torch.manual_seed(0)
-    model = ml.quantize_model(MLP(), skip=[], double_quant=double_quant)
+    model = ml.quantize_model(MLP(64, 128, 64, 16), skip=[], double_quant=double_quant)
     codes = {n: b.clone() for n, b in model.named_buffers()}
     W = {n: decoded(m) for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
     x = torch.randn(3, 64)
@@ -467,7 +450,7 @@ def test_gpt2_conv1d_layers_are_quantised_as_out_in_weights():
 
 def test_lora_on_a_quantised_model_trains_only_the_adapters_and_lowers_the_loss():
     torch.manual_seed(0)
-    model = ml.quantize_model(tiny_decoder())
+    model = ml.quantize_model(tiny_decoder(64, 128))
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
     assert {type(m) for m in lora_layers(model).values()} == {ml.LoraLinear4bit}
     assert len(lora_layers(model)) == 2 * len(LINEARS)
@@ -483,18 +466,18 @@ def test_lora_on_a_quantised_model_trains_only_the_adapters_and_lowers_the_loss(
 
 
 def test_quantize_model_errors_name_the_fix():
-    model = ml.inject(tiny_decoder(), ml.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = ml.inject(tiny_decoder(64, 128), ml.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="quantize the base before injecting"):
         ml.quantize_model(model)
     with pytest.raises(ValueError, match="no nn.Linear of MLP was quantised"):
-        ml.quantize_model(MLP(), skip=["lin0", "lin1", "lin2"])
+        ml.quantize_model(MLP(64, 128, 64, 16), skip=["lin0", "lin1", "lin2"])
     with pytest.raises(ValueError, match="no nn.Linear of Embedding was quantised"):
         ml.quantize_model(nn.Embedding(10, 4))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_on_a_4bit_model():
     torch.manual_seed(0)
-    model = ml.inject(ml.quantize_model(tiny_decoder()), ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
+    model = ml.inject(ml.quantize_model(tiny_decoder(64, 128)), ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
     randomize_adapters(model)
     model.train()
     ids = torch.randint(3, 64, (2, 10))
@@ -510,7 +493,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_a_4bit_model():
 
 def test_mixed_batch_on_a_4bit_model_runs_each_example_with_its_adapter():
     torch.manual_seed(0)
-    model = ml.quantize_model(tiny_decoder())
+    model = ml.quantize_model(tiny_decoder(64, 128))
     for name, seed in (("a", 1), ("b", 2)):
         ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS), name)
         randomize_adapters(model, name, seed=seed)
@@ -531,7 +514,7 @@ def test_mixed_batch_on_a_4bit_model_runs_each_example_with_its_adapter():
 
 def adapted_4bit_mlp(**cfg):
     torch.manual_seed(0)
-    model = ml.quantize_model(MLP(), skip=[])
+    model = ml.quantize_model(MLP(64, 128, 64, 16), skip=[])
     ml.inject(model, ml.LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["lin0", "lin1", "lin2"], **cfg}))
     randomize_adapters(model, std=0.2)
     return model.eval()
@@ -618,7 +601,7 @@ def test_safe_merge_of_a_4bit_model_merges_finite_updates_and_refuses_nan():
 
 def test_dequantize_then_merge_and_unload_gives_the_4bit_model_with_its_adapter():
     torch.manual_seed(0)
-    model = ml.inject(ml.quantize_model(tiny_decoder()), ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
+    model = ml.inject(ml.quantize_model(tiny_decoder(64, 128)), ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
     randomize_adapters(model)
     batch = {"input_ids": torch.randint(3, 64, (3, 10))}
     want = logits(model, batch)
@@ -638,7 +621,7 @@ def test_dequantize_then_merge_and_unload_gives_the_4bit_model_with_its_adapter(
 @pytest.mark.parametrize("dtype", [None, torch.float64])
 def test_dequantize_model_gives_frozen_linears_with_the_decoded_weights_and_biases(dtype):
     torch.manual_seed(0)
-    model = ml.quantize_model(MLP(), skip=[])
+    model = ml.quantize_model(MLP(64, 128, 64, 16), skip=[])
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=["lin1"]))  # lin0 and lin2 stay plain Linear4bit
     W = {n: decoded(m) for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
     biases = {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, ml.Linear4bit)}
@@ -659,7 +642,7 @@ def test_linear4bit_defaults_are_qlora_blocksize_64_without_double_quantisation(
 
 def test_full_precision_merge_of_a_float64_4bit_model_is_exact():
     torch.manual_seed(0)
-    model = ml.quantize_model(tiny_decoder().double())  # float64 compute over fp32-quantised codes
+    model = ml.quantize_model(tiny_decoder(64, 128).double())  # float64 compute over fp32-quantised codes
     assert {m.compute_dtype for m in model.modules() if isinstance(m, ml.Linear4bit)} == {torch.float64}
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
     randomize_adapters(model)
@@ -671,7 +654,7 @@ def test_full_precision_merge_of_a_float64_4bit_model_is_exact():
 
 
 def test_float64_4bit_layers_merge_and_unmerge_like_fp32_ones():
-    model = ml.quantize_model(MLP(), compute_dtype=torch.float64, skip=[])
+    model = ml.quantize_model(MLP(64, 128, 64, 16), compute_dtype=torch.float64, skip=[])
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1", "lin2"]))
     randomize_adapters(model, std=0.2)
     exact = {n: exact_merge(layer) for n, layer in lora_layers(model).items()}
@@ -716,19 +699,19 @@ def test_pissa_on_a_4bit_base_requantises_the_residual():
 
 def test_trainable_report_counts_4bit_weights_as_out_times_in_values(capsys):
     cfg = ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS)
-    full = ml.inject(tiny_decoder(), cfg)
-    quantised = ml.inject(ml.quantize_model(tiny_decoder()), cfg)
+    full = ml.inject(tiny_decoder(64, 128), cfg)
+    quantised = ml.inject(ml.quantize_model(tiny_decoder(64, 128)), cfg)
     # the same model, the same adapters: the same counts whether the base is stored in fp32 or in 4 bits
     assert ml.trainable_report(quantised) == ml.trainable_report(full)
     n_lora = sum(4 * (layer.in_features + layer.out_features) for layer in lora_layers(full).values())
-    n_base = sum(p.numel() for p in tiny_decoder().parameters())
+    n_base = sum(p.numel() for p in tiny_decoder(64, 128).parameters())
     assert ml.trainable_report(quantised, verbose=False)[:2] == (n_lora, n_base + n_lora)
     assert f"trainable params: {n_lora:,} || all params: {n_base + n_lora:,}" in capsys.readouterr().out
 
 
 def test_adapter_files_of_a_4bit_model_have_the_full_precision_format(tmp_path):
     cfg = ml.LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1", "lin2"], bias="lora_only")
-    model = MLP()
+    model = MLP(64, 128, 64, 16)
     full = ml.inject(copy.deepcopy(model), cfg)
     quantised = ml.inject(ml.quantize_model(copy.deepcopy(model), skip=[]), cfg)
     ml.save_adapter(full, tmp_path / "full")
@@ -744,7 +727,7 @@ def test_adapter_files_of_a_4bit_model_have_the_full_precision_format(tmp_path):
 
 def test_adapter_trained_on_4bit_loads_onto_a_4bit_model_and_onto_a_full_precision_base(tmp_path):
     torch.manual_seed(0)
-    base = tiny_decoder()
+    base = tiny_decoder(64, 128)
     model = ml.inject(ml.quantize_model(copy.deepcopy(base)), ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
     ml.train(model, text_rows(), ml.TrainConfig(steps=5, batch_size=8, lr=1e-2, warmup_steps=0, progress=False))
     model.eval()

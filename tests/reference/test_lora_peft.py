@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import peft
 import transformers
@@ -20,41 +19,18 @@ import transformers
 from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
 from minilora.io import load_adapter, lora_state_dict, save_adapter
 from minilora.methods.lora import LoraConfig
-from minilora.models import DecoderLM, Seq2SeqLM, get_config
+from minilora.models import Seq2SeqLM, get_config
 
-from adapters import randomize_adapters, rel_fro
+from adapters import MLP, randomize_adapters, rel_fro, tiny_decoder, tiny_llama
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-5  # float32, relative to the tensor's scale: rounding of different summation orders, with margin
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(12, 24)
-        self.lin1 = nn.Linear(24, 24)
-        self.lin2 = nn.Linear(24, 6)
-
-    def forward(self, x):
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2():
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_decoder():
-    cfg = get_config("decoder-tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                            max_seq_len=32)
-    return DecoderLM(cfg).eval()
 
 
 def tiny_seq2seq():
@@ -69,7 +45,7 @@ def seq2seq_batch():
 
 
 CASES = {
-    "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 12)),
+    "mlp": (lambda: MLP(12, 24, 24, 6), ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 12)),
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               lambda: torch.randint(0, 64, (4, 10))),
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], lambda: torch.randint(0, 64, (4, 10))),
@@ -267,7 +243,7 @@ def test_gaussian_init_statistics_match_peft():
 def test_default_init_matches_peft_given_same_seed():
     cfg = LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1", "lin2"])
     torch.manual_seed(0)
-    base = MLP()
+    base = MLP(12, 24, 24, 6)
     ours_model, peft_model = copy.deepcopy(base), copy.deepcopy(base)
     torch.manual_seed(123)
     inject(ours_model, cfg)

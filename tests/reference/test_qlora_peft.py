@@ -30,34 +30,11 @@ import transformers
 import minilora as ml
 from minilora.inject import lora_layers
 
-from adapters import randomize_adapters
+from adapters import MLP, randomize_adapters, tiny_decoder, tiny_llama
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-5  # float32, relative to the tensor's scale: rounding of different summation orders, with margin
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(64, 128)
-        self.lin1 = nn.Linear(128, 64)
-        self.lin2 = nn.Linear(64, 24)
-
-    def forward(self, x):
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
-def tiny_decoder():
-    cfg = ml.get_config("decoder-tiny", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                        max_seq_len=32)
-    return ml.DecoderLM(cfg).eval()
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2():
@@ -67,9 +44,9 @@ def tiny_gpt2():
 
 
 CASES = {
-    "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 64)),
-    "decoder": (tiny_decoder, LINEARS, lambda: torch.randint(0, 64, (3, 10))),
-    "llama": (tiny_llama, LINEARS, lambda: torch.randint(0, 64, (3, 10))),
+    "mlp": (lambda: MLP(64, 128, 64, 24), ["lin0", "lin1", "lin2"], lambda: torch.randn(4, 64)),
+    "decoder": (lambda: tiny_decoder(64, 128), LINEARS, lambda: torch.randint(0, 64, (3, 10))),
+    "llama": (lambda: tiny_llama(64, 128), LINEARS, lambda: torch.randint(0, 64, (3, 10))),
     # GPT-2's Conv1D (weight stored (in, out)): both sides quantise its (out, in) transpose
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], lambda: torch.randint(0, 64, (3, 10))),
 }
