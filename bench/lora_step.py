@@ -36,7 +36,7 @@ from functools import partial
 
 import torch
 
-from minilora.inject import inject, lora_layers, merge, merge_and_unload
+from minilora.inject import inject, adapter_layers, merge, merge_and_unload
 from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
@@ -167,7 +167,7 @@ def main():
         peft_name: make_train_step(theirs, trainable(theirs)),
     }
     plain = inject(sharing_weights(base), cfg)  # the equation path: its own adapters and optimizer state
-    for layer in lora_layers(plain).values():
+    for layer in adapter_layers(plain).values():
         layer.fused = False
     flop_ratio = matmul_flops(plain, ids) / matmul_flops(floor, ids)
     if args.plain:

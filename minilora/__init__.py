@@ -16,7 +16,8 @@ from minilora.inject import (
     trainable_report,
     unmerge,
 )
-from minilora.io import load_adapter, lora_state_dict, save_adapter
+from minilora.io import adapter_state_dict, load_adapter, save_adapter
+from minilora.methods.ia3 import IA3Config, IA3Layer
 from minilora.methods.lora import LoraConfig, LoraLayer
 from minilora.methods.nf4 import NF4Tensor, dequantize, quantize
 from minilora.methods.qlora import Linear4bit, LoraLinear4bit, dequantize_model, quantize_model
@@ -34,7 +35,9 @@ __all__ = [
     "Tokenizer", "load_tokenizer",
     # LoRA
     "LoraConfig", "LoraLayer", "inject", "trainable_report", "merge", "unmerge", "merge_and_unload", "set_adapter",
-    "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_adapter", "lora_state_dict",
+    "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_adapter", "adapter_state_dict",
+    # IA3
+    "IA3Config", "IA3Layer",
     # QLoRA / NF4
     "NF4Tensor", "quantize", "dequantize", "Linear4bit", "LoraLinear4bit", "quantize_model", "dequantize_model",
     # training

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from minilora import DecoderLM, get_config
-from minilora.inject import lora_layers
+from minilora.inject import adapter_layers
 
 
 class MLP(nn.Module):
@@ -44,7 +44,7 @@ def randomize_adapters(model, name="default", seed=0, std=0.1):
     """Random A and B for adapter `name` in every LoRA layer: B starts at zero, which would hide mistakes."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
+        for layer in adapter_layers(model).values():
             if name in layer.lora_A:
                 for p in [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]:
                     p.copy_(torch.randn(p.shape, generator=g) * std)

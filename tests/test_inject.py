@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapters, inject, lora_layers, merge,
+from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapters, inject, adapter_layers, merge,
                              merge_and_unload, set_adapter, trainable_report, unmerge)
 from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
@@ -49,7 +49,7 @@ def cfg(**kw):
 ])
 def test_target_matching_exact_suffix_and_regex(targets, expected):
     model = inject(Net(), cfg(target_modules=targets))
-    assert set(lora_layers(model)) == expected
+    assert set(adapter_layers(model)) == expected
 
 
 @pytest.mark.parametrize("targets, exclude, expected", [
@@ -60,20 +60,20 @@ def test_target_matching_exact_suffix_and_regex(targets, expected):
 ])
 def test_exclude_modules_wins_over_target_modules(targets, exclude, expected):
     model = inject(Net(), cfg(target_modules=targets, exclude_modules=exclude))
-    assert set(lora_layers(model)) == expected
+    assert set(adapter_layers(model)) == expected
     assert type(model.layers[0].norm) is nn.LayerNorm and type(model.head) is nn.Linear
 
 
 def test_exclude_modules_suffix_needs_a_whole_name_part():
     model = inject(Net(), cfg(exclude_modules=["proj"]))  # "proj" is no module's last name part
-    assert len(lora_layers(model)) == 4
+    assert len(adapter_layers(model)) == 4
 
 
 def test_excluding_every_match_of_a_target_is_an_error_that_says_so():
     model = Net()
     with pytest.raises(ValueError, match=r"\['v_proj'\] match no module of Net \(after exclude_modules\)"):
         inject(model, cfg(exclude_modules=["layers.0.v_proj", "layers.1.v_proj"]))
-    assert not lora_layers(model)
+    assert not adapter_layers(model)
 
 
 def test_a_regex_target_that_matches_nothing_is_named():
@@ -102,7 +102,7 @@ def test_rank_too_large_names_the_layer():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"r=8 is larger than min\(in, out\)=4 of layer 'head'"):
         inject(model, cfg(r=8, target_modules=["q_proj", "head"]))
-    assert not lora_layers(model)  # nothing was wrapped
+    assert not adapter_layers(model)  # nothing was wrapped
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -158,7 +158,7 @@ def test_adapter_names_must_be_plain_non_empty_strings(name):
     model = Net()
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string without '.'"):
         inject(model, cfg(), name)
-    assert not lora_layers(model)
+    assert not adapter_layers(model)
 
 
 def test_injecting_twice_with_the_same_name_raises():
@@ -172,7 +172,7 @@ def test_several_adapters_set_active_and_summed():
     model, x = Net(), torch.randn(2, 16)
     inject(model, cfg(), "a")
     inject(model, cfg(r=2, target_modules=["v_proj"]), "b")
-    assert model.lora_active == ["a"]  # a new adapter waits until set_adapter picks it
+    assert model.adapter_active == ["a"]  # a new adapter waits until set_adapter picks it
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".b." in n)
     randomize_adapters(model, "a", 1, std=0.2)
     randomize_adapters(model, "b", 2, std=0.2)
@@ -201,7 +201,7 @@ def test_disable_adapters_runs_the_base_and_restores():
     merge(model)
     with disable_adapters(model):  # merged layers are taken apart for the block and merged back after
         assert_close_fp32(model(x), y0)  # W restored up to an ulp by unmerging
-    assert all(layer.merged for layer in lora_layers(model).values())
+    assert all(layer.merged for layer in adapter_layers(model).values())
     assert_close_fp32(model(x), y1)  # W' x against W x + s B (A x): one sum in two orders
 
 
@@ -209,11 +209,11 @@ def test_delete_adapter_removes_every_trace_of_it():
     model = inject(Net(), cfg(dropout=0.1), "a")
     inject(model, cfg(r=2), "b")
     delete_adapter(model, "a")
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         for table in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.r, layer.scaling):
             assert list(table) == ["b"]
         assert layer.active_adapters == []
-    assert model.lora_active == [] and set(model.lora_configs) == {"b"}
+    assert model.adapter_active == [] and set(model.adapter_configs) == {"b"}
     assert not any(".a." in n for n, _ in model.named_parameters())
     with pytest.raises(ValueError, match="unknown adapter"):
         delete_adapter(model, "a")
@@ -227,7 +227,7 @@ def test_forward_after_deleting_the_active_adapter_is_the_base_then_the_other_ad
     randomize_adapters(model, "a", 1, std=0.2)
     randomize_adapters(model, "b", 2, std=0.2)
     delete_adapter(model, "a")  # the only active one
-    assert model.lora_active == []
+    assert model.adapter_active == []
     assert torch.equal(model(x), base(x))  # nothing active: every LoRA layer runs its base layer alone
     set_adapter(model, "b")
     expected = copy.deepcopy(model)
@@ -240,8 +240,8 @@ def test_deleting_one_adapter_keeps_the_other_active():
     inject(model, cfg(), "b")
     set_adapter(model, ["b", "a"])
     delete_adapter(model, "b")
-    assert model.lora_active == ["a"]
-    assert all(layer.active_adapters == ["a"] for layer in lora_layers(model).values())
+    assert model.adapter_active == ["a"]
+    assert all(layer.active_adapters == ["a"] for layer in adapter_layers(model).values())
 
 
 def test_deleting_a_merged_adapter_raises_and_keeps_it():
@@ -250,9 +250,9 @@ def test_deleting_a_merged_adapter_raises_and_keeps_it():
     merge(model, ["a"])
     with pytest.raises(ValueError, match="adapter 'a' is merged; call unmerge"):
         delete_adapter(model, "a")
-    assert "a" in model.lora_configs and all("a" in layer.lora_A for layer in lora_layers(model).values())
+    assert "a" in model.adapter_configs and all("a" in layer.lora_A for layer in adapter_layers(model).values())
     delete_adapter(model, "b")  # an adapter that is not merged can go
-    assert set(model.lora_configs) == {"a"}
+    assert set(model.adapter_configs) == {"a"}
 
 
 def test_model_merge_twice_is_noop_with_warning_and_unmerge_restores():
@@ -278,7 +278,7 @@ def test_model_safe_merge_touches_no_layer_when_one_is_broken():
     with pytest.raises(ValueError, match="layers.1.v_proj"):
         merge(model, safe_merge=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in W.items())
-    assert not any(layer.merged for layer in lora_layers(model).values())
+    assert not any(layer.merged for layer in adapter_layers(model).values())
 
 
 def test_training_a_merged_model_raises_and_adding_adapters_while_merged_raises():
@@ -300,10 +300,10 @@ def test_merge_and_unload_returns_plain_layers_with_same_outputs():
     model.eval()
     y = model(x)
     out = merge_and_unload(model)
-    assert out is model and not lora_layers(model)
+    assert out is model and not adapter_layers(model)
     assert type(model.layers[0].q_proj) is nn.Linear
-    assert not hasattr(model, "lora_configs") and not model._forward_pre_hooks and not model._forward_hooks
-    assert not hasattr(model, "lora_active")
+    assert not hasattr(model, "adapter_configs") and not model._forward_pre_hooks and not model._forward_hooks
+    assert not hasattr(model, "adapter_active")
     assert_close_fp32(model(x), y)  # merged weights: the same sums in another order
 
 
@@ -328,7 +328,7 @@ def test_merge_and_unload_of_a_copy_leaves_the_original_working():
     mixed = model(x, adapter_names=["a", "b"])  # the original still takes adapter_names
     assert_close_fp32(mixed[:1], alone[0])
     assert_close_fp32(mixed[1:], alone[1])
-    assert lora_layers(model) and model.lora_active == ["a"]
+    assert adapter_layers(model) and model.adapter_active == ["a"]
 
 
 def test_mixed_batch_hook_passes_names_and_clears_them():
@@ -341,7 +341,7 @@ def test_mixed_batch_hook_passes_names_and_clears_them():
     model.eval()
     names = ["b", "__base__", "a"]
     mixed = model(x, adapter_names=names)
-    assert all(layer.batch_adapter_names is None for layer in lora_layers(model).values())
+    assert all(layer.batch_adapter_names is None for layer in adapter_layers(model).values())
     for i, n in enumerate(names):
         if n == "__base__":
             with disable_adapters(model):
@@ -373,7 +373,7 @@ def test_mixed_batch_names_are_cleared_after_an_exception():
     model = inject(Net(), cfg()).eval()
     with pytest.raises(ValueError, match="adapter_names has 2 entries"):
         model(torch.randn(3, 16), adapter_names=["default", "default"])
-    assert all(layer.batch_adapter_names is None for layer in lora_layers(model).values())
+    assert all(layer.batch_adapter_names is None for layer in adapter_layers(model).values())
     model(torch.randn(3, 16))  # and the next plain call is plain
 
 
@@ -395,7 +395,7 @@ def test_mixed_batch_errors():
 def delta(model, name):
     """scaling * B A of adapter `name` in each layer, in float64 from the stored tensors."""
     return {n: layer.scaling[name] * layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
-            for n, layer in lora_layers(model).items() if name in layer.lora_A}
+            for n, layer in adapter_layers(model).items() if name in layer.lora_A}
 
 
 def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
@@ -410,8 +410,8 @@ def test_weighted_combination_cat_is_exact_and_svd_reports_its_error():
     assert errors == {n: 0.0 for n in da}
     for n, d in delta(model, "cat").items():
         assert_close_fp32(d, target[n])  # w_i s_i A_i is rounded to fp32 once
-    assert model.lora_configs["cat"].r == 7 and model.lora_configs["cat"].scaling == 1.0
-    assert model.lora_active == ["a"]  # the new adapter waits for set_adapter, like any added one
+    assert model.adapter_configs["cat"].r == 7 and model.adapter_configs["cat"].scaling == 1.0
+    assert model.adapter_active == ["a"]  # the new adapter waits for set_adapter, like any added one
 
     errors = add_weighted_adapter(model, ["a", "b"], [0.6, -1.5], "svd2", combination_type="svd", svd_rank=2)
     for n, d in delta(model, "svd2").items():
@@ -471,7 +471,7 @@ def test_generate_with_adapter_names_decodes_each_row_with_its_adapter(kind, use
     ids = torch.randint(4, 64, (3, 6))
     names = ["b", "__base__", "a"]
     got = model.generate(ids, max_new_tokens=8, use_cache=use_cache, eos_token_id=-1, adapter_names=names)
-    assert all(layer.batch_adapter_names is None for layer in lora_layers(model).values())
+    assert all(layer.batch_adapter_names is None for layer in adapter_layers(model).values())
     rows = []
     for i, n in enumerate(names):  # each prompt alone, the adapter chosen the ordinary way
         if n == "__base__":
@@ -500,9 +500,9 @@ def test_merge_of_named_adapters_merges_only_those():
     inject(model, cfg(r=2, target_modules=["v_proj"]), "b")  # b lives in the v_proj layers only
     randomize_adapters(model, "a", 1, std=0.2)
     randomize_adapters(model, "b", 2, std=0.2)
-    exact = {n: layer.base_layer.weight.double() + delta(model, "b").get(n, 0) for n, layer in lora_layers(model).items()}
+    exact = {n: layer.base_layer.weight.double() + delta(model, "b").get(n, 0) for n, layer in adapter_layers(model).items()}
     merge(model, ["b"], safe_merge=True)  # not the active adapter "a"
-    for n, layer in lora_layers(model).items():
+    for n, layer in adapter_layers(model).items():
         assert layer.merged_adapters == (["b"] if "v_proj" in n else [])
         assert_close_fp32(layer.base_layer.weight, exact[n])
 
@@ -514,14 +514,14 @@ def test_merge_and_unload_with_safe_merge_refuses_nan_and_keeps_the_adapters():
         model.layers[0].q_proj.lora_A["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         merge_and_unload(model, safe_merge=True)
-    assert len(lora_layers(model)) == 4 and not any(layer.merged for layer in lora_layers(model).values())
+    assert len(adapter_layers(model)) == 4 and not any(layer.merged for layer in adapter_layers(model).values())
 
 
 def test_merge_and_unload_after_a_mixed_batch_leaves_no_adapter_state():
     model = inject(Net(), cfg()).eval()
     model(torch.randn(2, 16), adapter_names=["default", "__base__"])
     merge_and_unload(model)
-    assert not {"lora_configs", "lora_active", "_lora_batch_set"} & set(vars(model))
+    assert not {"adapter_configs", "adapter_active", "_adapter_batch_set"} & set(vars(model))
 
 
 def test_trainable_report_of_a_model_without_parameters_is_zero(capsys):
@@ -538,8 +538,8 @@ def test_lora_layer_repr_names_adapters_ranks_and_state():
 def test_a_second_adapter_wraps_lora_layers_never_their_insides():
     model = inject(Net(), cfg(target_modules=["q_proj"]), "a")
     inject(model, cfg(target_modules=r".*q_proj.*"), "b")  # would also match q_proj.lora_A.a, q_proj.base_layer
-    assert set(lora_layers(model)) == {"layers.0.q_proj", "layers.1.q_proj"}
-    assert all(list(layer.lora_A) == ["a", "b"] for layer in lora_layers(model).values())
+    assert set(adapter_layers(model)) == {"layers.0.q_proj", "layers.1.q_proj"}
+    assert all(list(layer.lora_A) == ["a", "b"] for layer in adapter_layers(model).values())
     assert type(model.layers[0].q_proj.base_layer) is nn.Linear
 
 
@@ -563,4 +563,17 @@ def test_merge_without_safe_merge_writes_what_it_computes():
     assert layer.merged and not layer.base_layer.weight[0].isfinite().any()
     unmerge(model)
     merge_and_unload(model)  # the same default again
-    assert not lora_layers(model) and model.layers[0].q_proj.weight[0].isnan().all()
+    assert not adapter_layers(model) and model.layers[0].q_proj.weight[0].isnan().all()
+
+
+def test_injected_layers_follow_the_models_mode():
+    """A model put in eval mode before inject stays in eval mode: no dropout on the new adapter."""
+    model = Net().eval()
+    inject(model, cfg(dropout=0.5))
+    randomize_adapters(model)  # B = 0 would hide dropout
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    model.train()
+    inject(model, cfg(dropout=0.5), "second")
+    assert all(m.training for m in model.modules())

@@ -9,10 +9,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minilora.inject import inject, lora_layers, merge, set_adapter
-from minilora.io import (PEFT_DEFAULTS, config_from_peft_dict, config_to_peft_dict, load_adapter, lora_state_dict,
+from minilora.inject import adapter_layers, inject, merge, set_adapter
+from minilora.io import (adapter_state_dict, config_from_peft_dict, load_adapter,
                          save_adapter)
-from minilora.methods.lora import LoraConfig
+from minilora.methods.lora import PEFT_DEFAULTS, LoraConfig
 
 
 class MLP(nn.Module):
@@ -45,17 +45,17 @@ def assert_untouched(model, snap, name="default"):
     assert [n for n, _ in model.named_modules()] == names
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # not a bit changed
-    assert not hasattr(model, "lora_configs") or name not in model.lora_configs
+    assert not hasattr(model, "adapter_configs") or name not in model.adapter_configs
 
 
 def test_lora_state_dict_uses_peft_keys():
     _, model = trained(lora_bias=True)
-    assert set(lora_state_dict(model)) == {f"lin{i}.lora_{m}.{p}" for i in (0, 1) for m, p in
+    assert set(adapter_state_dict(model)) == {f"lin{i}.lora_{m}.{p}" for i in (0, 1) for m, p in
                                            [("A", "weight"), ("B", "weight"), ("B", "bias")]}
     _, model = trained(bias="lora_only")
-    assert "lin0.base_layer.bias" in lora_state_dict(model)
+    assert "lin0.base_layer.bias" in adapter_state_dict(model)
     with pytest.raises(ValueError, match="no adapter 'x'"):
-        lora_state_dict(model, "x")
+        adapter_state_dict(model, "x")
 
 
 def test_save_writes_peft_layout(tmp_path):
@@ -76,7 +76,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, kw):
     save_adapter(model, tmp_path)
     loaded = load_adapter(copy.deepcopy(base), tmp_path, adapter_name="mine").eval()
     assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
-    assert loaded.lora_configs["mine"] == model.lora_configs["default"]
+    assert loaded.adapter_configs["mine"] == model.adapter_configs["default"]
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
     # exactly what training the saved adapter trains: A and B, and the biases its `bias` option names
@@ -98,11 +98,11 @@ def test_loading_an_adapter_with_trained_biases_into_a_model_that_has_an_adapter
     load_adapter(other, tmp_path, "second")
     # lin1 gets wrapped now, lin0 already was: the file's biases land in both base layers
     for name in ("lin0", "lin1"):
-        assert torch.equal(lora_layers(other)[name].base_layer.bias, lora_layers(model)[name].base_layer.bias)
+        assert torch.equal(adapter_layers(other)[name].base_layer.bias, adapter_layers(model)[name].base_layer.bias)
     assert not any(p.requires_grad for n, p in other.named_parameters() if "second" in n or ".bias" in n)
     set_adapter(other, "second")
     assert torch.equal(other.eval()(x), model(x))  # the same weights through the same operations
-    assert other.lora_configs["second"].bias == bias and other.lora_configs["first"].bias == "none"
+    assert other.adapter_configs["second"].bias == bias and other.adapter_configs["first"].bias == "none"
 
 
 def test_loading_into_a_merged_model_raises_and_leaves_it_untouched(tmp_path):
@@ -121,8 +121,8 @@ def test_exclude_modules_survive_a_round_trip(tmp_path):
     save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["exclude_modules"] == ["lin1"]
     loaded = load_adapter(copy.deepcopy(base), tmp_path)
-    assert set(lora_layers(loaded)) == {"lin0"}
-    assert loaded.lora_configs["default"].exclude_modules == ["lin1"]
+    assert set(adapter_layers(loaded)) == {"lin0"}
+    assert loaded.adapter_configs["default"].exclude_modules == ["lin1"]
 
 
 def test_load_a_second_adapter_next_to_the_first(tmp_path):
@@ -130,7 +130,7 @@ def test_load_a_second_adapter_next_to_the_first(tmp_path):
     save_adapter(model, tmp_path)
     loaded = load_adapter(copy.deepcopy(base), tmp_path, "one")
     load_adapter(loaded, tmp_path, "two")
-    assert set(lora_layers(loaded)["lin0"].lora_A) == {"one", "two"}
+    assert set(adapter_layers(loaded)["lin0"].lora_A) == {"one", "two"}
     set_adapter(loaded, "two")
     x = torch.randn(2, 10)
     torch.testing.assert_close(loaded.eval()(x), model(x))
@@ -154,7 +154,7 @@ def corrupt(tmp_path, case):
     elif case == "missing_key":
         del tensors["base_model.model.lin1.lora_B.weight"]
     elif case == "peft_type":
-        config["peft_type"] = "IA3"
+        config["peft_type"] = "VERA"
     elif case == "unsupported":
         config["use_dora"] = True
     elif case == "missing_config":
@@ -180,7 +180,7 @@ def corrupt(tmp_path, case):
     ("wrong_target", r"\['lin7'\] match no module"),
     ("extra_key", "unexpected"),
     ("missing_key", "missing"),
-    ("peft_type", "only peft_type 'LORA'"),
+    ("peft_type", r"this is a 'VERA' adapter; minilora loads peft_type \["),
     ("unsupported", "use_dora"),
     ("missing_config", "adapter_config.json is missing"),
     ("missing_weights", "adapter_model.safetensors is missing"),
@@ -219,10 +219,10 @@ def test_config_from_peft_reads_every_field(init_lora_weights, init):
 def test_config_to_peft_and_back_is_the_same_config(init):
     config = LoraConfig(r=6, alpha=12.0, dropout=0.2, target_modules=r"lin\d", exclude_modules=["lin1"],
                         use_rslora=True, init=init, bias="all", lora_bias=True, fan_in_fan_out=True)
-    d = config_to_peft_dict(config)
+    d = config.to_peft_dict()
     assert d["init_lora_weights"] == {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[init]
     assert d["lora_alpha"] == 12 and type(d["lora_alpha"]) is int  # written as peft writes an integer alpha
-    assert config_to_peft_dict(LoraConfig(alpha=2.5, target_modules=["x"]))["lora_alpha"] == 2.5
+    assert LoraConfig(alpha=2.5, target_modules=["x"]).to_peft_dict()["lora_alpha"] == 2.5
     assert config_from_peft_dict(d) == config
 
 
@@ -236,12 +236,12 @@ def test_peft_fields_that_are_left_at_their_default_are_accepted():
 
 def test_state_dict_of_a_model_without_adapters_is_an_error():
     with pytest.raises(ValueError, match=r"no adapter 'default' in this model; it has \[\]"):
-        lora_state_dict(MLP())
+        adapter_state_dict(MLP())
 
 
 def test_state_dict_with_bias_all_and_lora_bias_has_each_tensor_once_under_peft_keys():
     _, model = trained(bias="all", lora_bias=True)
-    assert set(lora_state_dict(model)) == {f"lin{i}.{k}" for i in (0, 1) for k in
+    assert set(adapter_state_dict(model)) == {f"lin{i}.{k}" for i in (0, 1) for k in
                                            ["lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bias"]}
 
 
@@ -249,11 +249,11 @@ def test_saving_a_second_adapter_writes_its_own_weights(tmp_path):
     base, model = trained()
     inject(model, LoraConfig(r=2, alpha=3, target_modules=["lin1"]), "second")
     with torch.no_grad():
-        lora_layers(model)["lin1"].lora_B["second"].weight.normal_()
+        adapter_layers(model)["lin1"].lora_B["second"].weight.normal_()
     save_adapter(model, tmp_path, "second")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert set(tensors) == {"base_model.model.lin1.lora_A.weight", "base_model.model.lin1.lora_B.weight"}
-    assert torch.equal(tensors["base_model.model.lin1.lora_B.weight"], lora_layers(model)["lin1"].lora_B["second"].weight)
+    assert torch.equal(tensors["base_model.model.lin1.lora_B.weight"], adapter_layers(model)["lin1"].lora_B["second"].weight)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
 
 
@@ -291,9 +291,9 @@ def test_loading_a_pissa_adapter_keeps_the_saved_residual_base(tmp_path):
     residual.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if ".lora_" not in k})
     before = {k: v.clone() for k, v in residual.state_dict().items()}
     loaded = load_adapter(residual, tmp_path).eval()
-    for name, layer in lora_layers(loaded).items():  # no second PiSSA: the base is not decomposed again
+    for name, layer in adapter_layers(loaded).items():  # no second PiSSA: the base is not decomposed again
         assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])
-    assert loaded.lora_configs["default"].init == "pissa"
+    assert loaded.adapter_configs["default"].init == "pissa"
     x = torch.randn(3, 10)
     assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
 

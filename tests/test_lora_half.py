@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora.inject import add_weighted_adapter, inject, lora_layers, set_adapter, unmerge
+from minilora.inject import add_weighted_adapter, inject, adapter_layers, set_adapter, unmerge
 from minilora.io import load_adapter, save_adapter
 from minilora.methods.lora import LoraConfig, LoraLayer
 
@@ -158,9 +158,9 @@ def test_save_and_load_on_a_half_base_keep_the_adapters_in_fp32(dtype, tmp_path)
     fresh = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6)).to(dtype)
     fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if ".lora_" not in k})
     loaded = load_adapter(fresh, tmp_path).eval()
-    for name, layer in lora_layers(loaded).items():
+    for name, layer in adapter_layers(loaded).items():
         for kind in ("lora_A", "lora_B"):
-            got, saved = getattr(layer, kind)["default"].weight, getattr(lora_layers(model)[name], kind)["default"].weight
+            got, saved = getattr(layer, kind)["default"].weight, getattr(adapter_layers(model)[name], kind)["default"].weight
             assert got.dtype == torch.float32 and torch.equal(got, saved)  # a copy: no arithmetic
     assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
 
@@ -171,14 +171,14 @@ def test_half_adapters_from_a_file_load_as_fp32_on_a_half_base(dtype, tmp_path):
     model.to(dtype)  # adapters in `dtype` too, as after model.to(dtype): the file holds half tensors
     save_adapter(model, tmp_path)
     fresh = copy.deepcopy(model)
-    for name in list(fresh.lora_configs):
+    for name in list(fresh.adapter_configs):
         from minilora.inject import delete_adapter
         delete_adapter(fresh, name)
     loaded = load_adapter(fresh, tmp_path, "again")
-    for name, layer in lora_layers(loaded).items():
+    for name, layer in adapter_layers(loaded).items():
         w = layer.lora_A["again"].weight
         assert w.dtype == torch.float32  # trained in fp32 on a half base, as peft does
-        assert torch.equal(w, lora_layers(model)[name].lora_A["default"].weight.float())  # exact upcast
+        assert torch.equal(w, adapter_layers(model)[name].lora_A["default"].weight.float())  # exact upcast
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -186,7 +186,7 @@ def test_weighted_combination_on_a_half_base_is_the_weighted_sum_of_updates(dtyp
     model = half_mlp(dtype)
     inject(model, LoraConfig(r=2, alpha=3.0, use_rslora=True, target_modules=["0", "2"]), "b")
     randomize_adapters(model, "b", seed=1, std=0.3)
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     target = {n: 0.7 * exact_delta(l, "default") - 0.4 * exact_delta(l, "b") for n, l in layers.items()}
     errors = add_weighted_adapter(model, ["default", "b"], [0.7, -0.4], "mix")
     assert errors == {n: 0.0 for n in layers}

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import minilora as ml
-from minilora.inject import lora_layers
+from minilora.inject import adapter_layers
 from minilora.methods.lora import LoraLayer
 
 from adapters import MLP, assert_close_fp32, max_rel_err, randomize_adapters, rel_fro, tiny_decoder
@@ -444,16 +444,16 @@ def test_gpt2_conv1d_layers_are_quantised_as_out_in_weights():
     # Conv1D computes addmm(b, x, W) and Linear4bit F.linear(x, W^T, b): the same sums, maybe in another order
     assert_close_fp32(quantised(ids).logits, reference(ids).logits)
     ml.inject(quantised, ml.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
-    assert {type(m) for m in lora_layers(quantised).values()} == {ml.LoraLinear4bit}
-    assert not any(m.fan_in_fan_out for m in lora_layers(quantised).values())  # the 4-bit weight is (out, in)
+    assert {type(m) for m in adapter_layers(quantised).values()} == {ml.LoraLinear4bit}
+    assert not any(m.fan_in_fan_out for m in adapter_layers(quantised).values())  # the 4-bit weight is (out, in)
 
 
 def test_lora_on_a_quantised_model_trains_only_the_adapters_and_lowers_the_loss():
     torch.manual_seed(0)
     model = ml.quantize_model(tiny_decoder(64, 128))
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=LINEARS))
-    assert {type(m) for m in lora_layers(model).values()} == {ml.LoraLinear4bit}
-    assert len(lora_layers(model)) == 2 * len(LINEARS)
+    assert {type(m) for m in adapter_layers(model).values()} == {ml.LoraLinear4bit}
+    assert len(adapter_layers(model)) == 2 * len(LINEARS)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     codes = {n: b.clone() for n, b in model.named_buffers()}
@@ -528,9 +528,9 @@ def exact_merge(layer, sign=1.0):
 
 def test_merge_requantises_base_plus_update_and_records_the_error():
     model = adapted_4bit_mlp()
-    exact = {n: exact_merge(layer) for n, layer in lora_layers(model).items()}
+    exact = {n: exact_merge(layer) for n, layer in adapter_layers(model).items()}
     ml.merge(model)
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         assert layer.merged_adapters == ["default"]
         assert_codes_are_nf4_of(layer.base_layer, exact[name])
         want = ((decoded(layer.base_layer).double() - exact[name]).norm() / exact[name].norm()).item()
@@ -545,13 +545,13 @@ def test_merging_a_4bit_model_twice_is_a_no_op():
     model = adapted_4bit_mlp()
     ml.merge(model)
     codes = {n: b.clone() for n, b in model.named_buffers()}
-    errors = {n: dict(layer.requantization_error) for n, layer in lora_layers(model).items()}
+    errors = {n: dict(layer.requantization_error) for n, layer in adapter_layers(model).items()}
     with pytest.warns(UserWarning, match="already merged"):
         ml.merge(model)
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.merge()  # the layer itself skips a merged adapter too
     assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
-    assert {n: layer.requantization_error for n, layer in lora_layers(model).items()} == errors
+    assert {n: layer.requantization_error for n, layer in adapter_layers(model).items()} == errors
 
 
 def test_unmerge_requantises_the_difference_which_is_not_the_original_codes():
@@ -559,13 +559,13 @@ def test_unmerge_requantises_the_difference_which_is_not_the_original_codes():
     come back exactly (bitsandbytes' and peft's 4-bit unmerge do the same). Keep a copy of the base, or merge into
     a full-precision copy, when the exact base is needed."""
     model = adapted_4bit_mlp()
-    original = {n: decoded(layer.base_layer).double() for n, layer in lora_layers(model).items()}
-    original_codes = {n: codes_of(layer.base_layer) for n, layer in lora_layers(model).items()}
+    original = {n: decoded(layer.base_layer).double() for n, layer in adapter_layers(model).items()}
+    original_codes = {n: codes_of(layer.base_layer) for n, layer in adapter_layers(model).items()}
     ml.merge(model)
-    exact = {n: exact_merge(layer, sign=-1.0) for n, layer in lora_layers(model).items()}
-    merge_error = {n: layer.requantization_error["default"] for n, layer in lora_layers(model).items()}
+    exact = {n: exact_merge(layer, sign=-1.0) for n, layer in adapter_layers(model).items()}
+    merge_error = {n: layer.requantization_error["default"] for n, layer in adapter_layers(model).items()}
     ml.unmerge(model)
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         assert not layer.merged and layer.requantization_error == {}
         assert_codes_are_nf4_of(layer.base_layer, exact[name])
         assert (codes_of(layer.base_layer) != original_codes[name]).any()  # not exact
@@ -585,14 +585,14 @@ def test_safe_merge_of_a_4bit_model_merges_finite_updates_and_refuses_nan():
     model = adapted_4bit_mlp()
     broken = copy.deepcopy(model)
     ml.merge(model, safe_merge=True)
-    assert all(layer.merged for layer in lora_layers(model).values())
+    assert all(layer.merged for layer in adapter_layers(model).values())
     with torch.no_grad():
         broken.lin2.lora_B["default"].weight[0, 0] = float("nan")
     codes = {n: b.clone() for n, b in broken.named_buffers()}
     with pytest.raises(ValueError, match="NaN/Inf"):
         ml.merge(broken, safe_merge=True)
     assert all(torch.equal(b, codes[n]) for n, b in broken.named_buffers())  # no layer was written
-    assert not any(layer.merged for layer in lora_layers(broken).values())
+    assert not any(layer.merged for layer in adapter_layers(broken).values())
     with pytest.raises(ValueError, match="NaN/Inf"):
         broken.lin2.merge(safe_merge=True)
 
@@ -606,15 +606,15 @@ def test_dequantize_then_merge_and_unload_gives_the_4bit_model_with_its_adapter(
     batch = {"input_ids": torch.randint(3, 64, (3, 10))}
     want = logits(model, batch)
     unmerged = ml.dequantize_model(copy.deepcopy(model))
-    assert {type(m) for m in lora_layers(unmerged).values()} == {LoraLayer}
+    assert {type(m) for m in adapter_layers(unmerged).values()} == {LoraLayer}
     assert not any(isinstance(m, ml.Linear4bit) for m in unmerged.modules())
     assert_close_fp32(logits(unmerged, batch), want)  # the same weights, now stored in fp32
     full = ml.merge_and_unload(unmerged)
     assert not any(isinstance(m, (ml.Linear4bit, LoraLayer)) for m in full.modules())
-    assert all(type(full.get_submodule(n)) is nn.Linear for n in lora_layers(model))
+    assert all(type(full.get_submodule(n)) is nn.Linear for n in adapter_layers(model))
     assert_close_fp32(logits(full, batch), want)  # W + s B A summed before the product: rounding only
     # the merge itself is exact: W' = dequantize(W) + s B A, with nothing rounded to 4 bits
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         assert_close_fp32(full.get_submodule(name).weight, exact_merge(layer))
 
 
@@ -657,13 +657,13 @@ def test_float64_4bit_layers_merge_and_unmerge_like_fp32_ones():
     model = ml.quantize_model(MLP(64, 128, 64, 16), compute_dtype=torch.float64, skip=[])
     ml.inject(model, ml.LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1", "lin2"]))
     randomize_adapters(model, std=0.2)
-    exact = {n: exact_merge(layer) for n, layer in lora_layers(model).items()}
+    exact = {n: exact_merge(layer) for n, layer in adapter_layers(model).items()}
     ml.merge(model)
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         assert layer.base_layer.weight_dtype == torch.float32 and layer.base_layer.compute_dtype == torch.float64
         assert_codes_are_nf4_of(layer.base_layer, exact[name])
     ml.unmerge(model)
-    assert not any(layer.merged for layer in lora_layers(model).values())
+    assert not any(layer.merged for layer in adapter_layers(model).values())
 
 
 # ----------------------------------------------------------------------------- PiSSA on a 4-bit base
@@ -703,7 +703,7 @@ def test_trainable_report_counts_4bit_weights_as_out_times_in_values(capsys):
     quantised = ml.inject(ml.quantize_model(tiny_decoder(64, 128)), cfg)
     # the same model, the same adapters: the same counts whether the base is stored in fp32 or in 4 bits
     assert ml.trainable_report(quantised) == ml.trainable_report(full)
-    n_lora = sum(4 * (layer.in_features + layer.out_features) for layer in lora_layers(full).values())
+    n_lora = sum(4 * (layer.in_features + layer.out_features) for layer in adapter_layers(full).values())
     n_base = sum(p.numel() for p in tiny_decoder(64, 128).parameters())
     assert ml.trainable_report(quantised, verbose=False)[:2] == (n_lora, n_base + n_lora)
     assert f"trainable params: {n_lora:,} || all params: {n_base + n_lora:,}" in capsys.readouterr().out
@@ -745,7 +745,7 @@ def test_adapter_trained_on_4bit_loads_onto_a_4bit_model_and_onto_a_full_precisi
 
     # onto the original base: the same adapter tensors, now over the unquantised weights
     original = ml.load_adapter(copy.deepcopy(base), tmp_path).eval()
-    saved = ml.lora_state_dict(model)
-    assert all(torch.equal(v, saved[k]) for k, v in ml.lora_state_dict(original).items())
-    assert {type(m) for m in lora_layers(original).values()} == {LoraLayer}
+    saved = ml.adapter_state_dict(model)
+    assert all(torch.equal(v, saved[k]) for k, v in ml.adapter_state_dict(original).items())
+    assert {type(m) for m in adapter_layers(original).values()} == {LoraLayer}
     assert not any(p.requires_grad for p in original.parameters())

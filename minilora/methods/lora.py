@@ -29,11 +29,17 @@ Variants:
 Numerics follow peft's `lora.Linear` (same init, scaling, merge order), which the reference tests check.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from .base import (PEFT_FORMAT_VERSION, AdapterLayer, at_least_fp32, check_peft_dict, check_target_list,
+                   in_out_features, is_conv1d)
+from .lora_fused import FrozenLinearWithLora
 
 INITS = ("default", "gaussian", "pissa")
 BIASES = ("none", "lora_only", "all")
@@ -41,7 +47,10 @@ BIASES = ("none", "lora_only", "all")
 
 @dataclass
 class LoraConfig:
-    """Hyper-parameters of one adapter. Field names follow the LoRA paper; peft's names map over in io.py."""
+    """Hyper-parameters of one adapter. Field names follow the LoRA paper; `to_peft_dict` / `from_peft_dict`
+    map them to peft's (lora_alpha, lora_dropout, init_lora_weights, ...)."""
+
+    peft_type: ClassVar[str] = "LORA"
 
     r: int = 8  # rank of B A
     alpha: float = 8.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
@@ -61,12 +70,7 @@ class LoraConfig:
             raise ValueError(f"alpha must be > 0 (got {self.alpha!r}); a common choice is alpha=2*r.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (got {self.dropout!r}); use 0.0 to disable it.")
-        tm = self.target_modules
-        if isinstance(tm, (set, tuple)):
-            tm = self.target_modules = sorted(tm) if isinstance(tm, set) else list(tm)
-        if not tm or not (isinstance(tm, str) or all(isinstance(t, str) and t for t in tm)):
-            raise ValueError("target_modules must be a non-empty list of module names (e.g. ['q_proj', 'v_proj']) "
-                             f"or one regex string; got {self.target_modules!r}.")
+        self.target_modules = check_target_list(self.target_modules, "target_modules")
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if self.init not in INITS:
@@ -78,56 +82,82 @@ class LoraConfig:
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
+    def to_peft_dict(self) -> dict:
+        """adapter_config.json as peft 0.21 writes it for this adapter."""
+        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init]
+        alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha
+        return {**PEFT_DEFAULTS, "r": self.r, "lora_alpha": alpha, "lora_dropout": self.dropout,
+                "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
+                "use_rslora": self.use_rslora, "init_lora_weights": init, "bias": self.bias,
+                "lora_bias": self.lora_bias, "fan_in_fan_out": self.fan_in_fan_out}
 
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Half precision goes to fp32, fp32 and float64 stay as they are: the precision updates are formed in."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    def for_loading(self) -> "LoraConfig":
+        """The config load_adapter injects with: default init, so that PiSSA never rewrites the base weights."""
+        return dataclasses.replace(self, init="default")
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> "LoraConfig":
+        check_peft_dict(d, "LORA", PEFT_DEFAULTS, {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                                                   "use_rslora", "init_lora_weights", "bias", "lora_bias", "fan_in_fan_out"})
+        init = d.get("init_lora_weights", True)
+        init = "gaussian" if init == "gaussian" else "pissa" if str(init).startswith("pissa") else "default"
+        return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
+                   target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
+                   use_rslora=d.get("use_rslora", False), init=init, bias=d.get("bias", "none"),
+                   lora_bias=d.get("lora_bias", False), fan_in_fan_out=d.get("fan_in_fan_out", False))
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's `transformers.pytorch_utils.Conv1D`: a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+# Every field peft 0.21 writes for a LoRA adapter, with its default value.
+PEFT_DEFAULTS = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16,
+    "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
 
 
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    if is_conv1d(module):
-        return tuple(module.weight.shape)  # (in, out)
-    if isinstance(module, nn.Linear) or all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")):
-        return module.in_features, module.out_features  # nn.Linear, and quantised linears (qlora.Linear4bit)
-    raise TypeError(f"LoRA wraps nn.Linear, 4-bit Linear4bit and GPT-2 Conv1D, not {type(module).__name__}.")
-
-
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayer):
     """A frozen `base_layer` plus any number of named low-rank updates (lora_A[name], lora_B[name])."""
 
+    adapter_tensors = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
+    adapter_dicts = ("r", "scaling")
+    base_types: tuple[type, ...] = (nn.Linear,)  # what it wraps, besides GPT-2's Conv1D (recognised by name)
+
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = in_out_features(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.r, self.scaling = {}, {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
-        self.batch_adapter_names: list[str] | None = None  # set per call by inject's hook for mixed batches
         self.fused = True  # False: always run the equation as written, never the FrozenLinearWithLora node
 
-    @property
-    def weight(self) -> torch.Tensor:  # the base's, so code reading `layer.weight` / `layer.bias` keeps working
-        return self.base_layer.weight
+    @classmethod
+    def check_target(cls, module_name: str, module: nn.Module, config: LoraConfig) -> None:
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        if not isinstance(module, cls.base_types) and not is_conv1d(module):
+            raise ValueError(f"target {module_name!r} is a {type(module).__name__}; LoRA here wraps nn.Linear, Linear4bit "
+                             "and GPT-2 Conv1D only. Narrow target_modules so it skips this module.")
+        in_f, out_f = in_out_features(module)
+        if config.r > min(in_f, out_f):
+            raise ValueError(f"r={config.r} is larger than min(in, out)={min(in_f, out_f)} of layer {module_name!r} "
+                             f"({in_f} -> {out_f}); a rank-{config.r} update cannot exist there. Use r <= {min(in_f, out_f)}.")
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+    @classmethod
+    def expected_shapes(cls, module_name: str, module: nn.Module, config: LoraConfig) -> dict[str, tuple]:
+        in_f, out_f = in_out_features(module)
+        shapes = {"lora_A.weight": (config.r, in_f), "lora_B.weight": (out_f, config.r)}
+        if config.lora_bias:
+            shapes["lora_B.bias"] = (out_f,)
+        return shapes
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def add_adapter(self, name: str, config: LoraConfig) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, module_name: str = "") -> None:
         r = config.r
         base_dtype, device = self.base_dtype_device()
         # peft keeps half-precision bases but trains their adapters in fp32
@@ -146,21 +176,6 @@ class LoraLayer(nn.Module):
             nn.init.zeros_(self.lora_B[name].weight)
         if config.lora_bias:
             nn.init.zeros_(self.lora_B[name].bias)
-
-    def base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        """The dtype the base layer computes in, and its device: what a new adapter is built from."""
-        w = self.base_layer.weight
-        return w.dtype, w.device
-
-    def base_weight_out_in(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever its storage order."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def set_base_weight_out_in(self, weight: torch.Tensor) -> None:
-        """Overwrite the base weight with an (out, in) tensor, in the base's dtype and storage order."""
-        w = self.base_layer.weight
-        w.data = (weight.T if self.fan_in_fan_out else weight).to(w.dtype)
 
     def frozen_weight(self):
         """What `FrozenLinearWithLora` multiplies by: the frozen (out, in) weight itself."""
@@ -197,20 +212,6 @@ class LoraLayer(nn.Module):
         return weight, bias
 
     @torch.no_grad()
-    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight. Already merged adapters are skipped, so merging twice is a no-op."""
-        for name in names if names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            weight, bias = self.merged_weights(name)
-            if safe_merge and not (weight.isfinite().all() and (bias is None or bias.isfinite().all())):
-                raise ValueError(f"merging adapter {name!r} gives NaN/Inf weights; the base was left untouched.")
-            self.base_layer.weight.data.copy_(weight)
-            if bias is not None:
-                self.base_layer.bias.data.copy_(bias)
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract merged adapters again, last merged first."""
         base = self.base_layer
@@ -225,13 +226,9 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         if self.batch_adapter_names is not None:
-            result = self.base_layer(x, *args, **kwargs)
-            return result + self.mixed_batch_delta(x, self.batch_adapter_names).to(result.dtype)
-        if self.merged_adapters and self.training and torch.is_grad_enabled() and any(
-                p.requires_grad for n in self.merged_adapters for p in self.lora_A[n].parameters()):
-            raise RuntimeError("this LoRA layer is merged, so its adapters get no gradient; call unmerge(model) "
-                               "before training, or model.eval() / torch.no_grad() for inference.")
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+            return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
+        self.check_not_training_merged()
+        pending = self.pending_adapters()
         if not pending:  # merged (or nothing active): the base layer alone, W' x
             return self.base_layer(x, *args, **kwargs)
         if self.fused and len(pending) == 1 and not args and not kwargs and self.fusable(pending[0], x):
@@ -261,6 +258,10 @@ class LoraLayer(nn.Module):
     def base_is_frozen_linear(self) -> bool:
         """True when the base computes exactly x W^T + b with W frozen, which the fused node then does itself."""
         return type(self.base_layer) is nn.Linear and not self.base_layer.weight.requires_grad
+
+    def mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        return result + self.mixed_batch_delta(x, names).to(result.dtype)
 
     def mixed_batch_delta(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example i gets adapter names[i] ("__base__": none). Ranks are padded to the largest r with zeros so
@@ -292,67 +293,6 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: self.r[n] for n in self.lora_A}
         return f"adapters={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-class FrozenLinearWithLora(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W and b frozen, the backward written out by hand.
-
-    When x, W, A and B share a dtype the forward runs the equation's own operations, so outputs equal the
-    plain path (and peft) bit for bit; gradients agree up to float summation order (tests/test_lora.py,
-    tests/reference/). The backward is where the time goes on CPU: the rank-r products are memory-bound
-    and cost far more than their FLOPs.
-      - The input gradient g W + (s g B) A is accumulated in one buffer instead of autograd adding two.
-      - grad B = s g^T h is computed as (h^T g)^T: on our 2-core CPU (MKL) the (out, N) @ (N, r) form that
-        autograd picks runs about 3x slower than (r, N) @ (N, out) on the same numbers.
-      - s g B uses B^T stored row-major (r, out): (N, out) @ (out, r) with a row-major right factor runs
-        about 2.5x slower than with its transpose view.
-
-    Half-precision base (x and W in fp16/bf16) with fp32 adapters, the usual way to train on a GPU: the
-    update runs in x's precision with A and B rounded to it, as autocast would run it, and is added to the
-    base output inside one GEMM (`addmm`), so the sum is rounded once. peft instead upcasts x and adds in
-    fp32, which costs several fp32 passes over (tokens x out) activations: on an H100, bf16 llama-1b with
-    all seven projections adapted, a training step takes 0.78 of peft's. The two differ by rounding; the
-    tests hold the node's error against float64 within twice peft's (outputs and the gradients of A and B,
-    which come back in fp32 with a half-precision matmul's accuracy, a few 1e-3 relative).
-    bench/lora_step.py measures the whole step against peft and the frozen base.
-
-    `weight` may also be a function that returns it: a 4-bit base (qlora.py) dequantises in the forward and
-    again in the backward, so no (out x in) tensor is kept in between.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        ctx.weight_fn = weight if callable(weight) else None
-        if ctx.weight_fn is not None:
-            weight = ctx.weight_fn()
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # no copy unless the adapters are fp32 on a half base
-        h = nn.functional.linear(x2, A)  # (N, r)
-        y = nn.functional.linear(x2, weight, bias)  # (N, out)
-        if A is lora_A:
-            y += nn.functional.linear(h, B).mul_(scaling)  # the equation's own operations, so equal bits
-        else:
-            y.addmm_(h, B.t(), alpha=scaling)  # half precision: y + s h B^T rounded once
-        ctx.save_for_backward(x2, None if ctx.weight_fn else weight, A, B, h)
-        ctx.scaling, ctx.adapter_dtype = scaling, lora_A.dtype
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x2, weight, A, B, h = ctx.saved_tensors
-        B_rows = B.t().contiguous()  # (r, out): small, and the faster layout for the GEMM below
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        g_h = (g @ B_rows.t()).mul_(ctx.scaling)  # dL/dh = s * g B, (N, r)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            weight = ctx.weight_fn() if ctx.weight_fn else weight
-            grad_x = (g_h @ A).addmm_(g, weight).view(*grad.shape[:-1], x2.shape[-1])  # g W + g_h A
-        if ctx.needs_input_grad[3]:
-            grad_A = (g_h.t() @ x2).to(ctx.adapter_dtype)  # (r, in)
-        if ctx.needs_input_grad[4]:
-            grad_B = (h.t() @ g).t().contiguous().to(ctx.adapter_dtype).mul_(ctx.scaling)  # s g^T h, as (h^T g)^T
-        return grad_x, None, None, grad_A, grad_B, None
 
 
 Linear = LoraLayer  # peft's name for the same thing

@@ -27,7 +27,8 @@ Reference: peft's LoRA over `bitsandbytes.nn.Linear4bit` (tests/reference/test_q
 import torch
 import torch.nn as nn
 
-from .lora import LoraLayer, at_least_fp32, is_conv1d
+from .base import at_least_fp32, is_conv1d
+from .lora import LoraLayer
 from .nf4 import NF4Tensor, dequantize, quantize
 
 
@@ -121,6 +122,8 @@ class Linear4bit(nn.Module):
 class LoraLinear4bit(LoraLayer):
     """LoRA over a `Linear4bit`: the same adapters, scaling and file format as `LoraLayer`; the base is read
     by dequantising and written by re-quantising."""
+
+    base_types = (Linear4bit,)
 
     def __init__(self, base_layer: Linear4bit):
         super().__init__(base_layer)

@@ -16,8 +16,8 @@ import torch
 import peft
 import transformers
 
-from minilora.inject import add_weighted_adapter, inject, lora_layers, merge, set_adapter
-from minilora.io import load_adapter, lora_state_dict, save_adapter
+from minilora.inject import add_weighted_adapter, inject, adapter_layers, merge, set_adapter
+from minilora.io import load_adapter, adapter_state_dict, save_adapter
 from minilora.methods.lora import LoraConfig
 from minilora.models import Seq2SeqLM, get_config
 
@@ -212,7 +212,7 @@ def test_exclude_modules_wraps_the_same_layers_as_peft(case):
                                                                       exclude_modules=exclude))
     peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert set(lora_layers(ours)) == peft_wrapped and peft_wrapped
+    assert set(adapter_layers(ours)) == peft_wrapped and peft_wrapped
     randomize_adapters(ours)
     copy_into_peft(ours, theirs)
     assert rel(run(ours.eval(), x), run(theirs.eval(), x)) <= TOL
@@ -250,7 +250,7 @@ def test_default_init_matches_peft_given_same_seed():
     torch.manual_seed(123)
     theirs = peft.get_peft_model(peft_model, peft_config(cfg))
     peft_sd = theirs.state_dict()
-    for k, v in lora_state_dict(ours_model).items():
+    for k, v in adapter_state_dict(ours_model).items():
         key = "base_model.model." + k.replace(".weight", ".default.weight")
         assert torch.equal(v, peft_sd[key]), k  # the same random draws, no arithmetic: equal bits
 
@@ -330,7 +330,7 @@ def half_pair(case, dtype):
 @pytest.mark.parametrize("case", ["mlp", "decoder"])
 def test_half_base_equation_path_equals_peft_bit_for_bit(case):
     ours, theirs, x = half_pair(case, torch.bfloat16)
-    for layer in lora_layers(ours).values():
+    for layer in adapter_layers(ours).values():
         layer.fused = False  # the equation path: fp32 update added to the half output, rounded once, as in peft
     assert torch.equal(run(ours, x), run(theirs, x))  # the same operations in the same order as peft's forward
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import transformers
 
 import minilora as ml
-from minilora.inject import lora_layers
+from minilora.inject import adapter_layers
 
 from adapters import MLP, randomize_adapters, tiny_decoder, tiny_llama
 
@@ -95,7 +95,7 @@ def pair(case, double_quant=False, bias="none"):
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, bias=bias))
     layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
               if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert set(layers) == set(lora_layers(ours))
+    assert set(layers) == set(adapter_layers(ours))
     assert all(type(m) is peft.tuners.lora.bnb.Linear4bit for m in layers.values())
     randomize_adapters(ours)
     copy_into_peft(ours, theirs)
@@ -148,7 +148,7 @@ def lora_grads(ours, theirs, x):
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_lora_gradients_equal_peft_over_bitsandbytes(case, fused):
     base, ours, theirs, _, x = pair(case)
-    for layer in lora_layers(ours).values():
+    for layer in adapter_layers(ours).values():
         layer.fused = fused
     ours.eval(), theirs.eval()
     with torch.no_grad():
@@ -182,11 +182,11 @@ def test_base_biases_train_like_peft_with_bias_lora_only():
 @pytest.mark.parametrize("case", ["mlp", "llama", "gpt2"])
 def test_merged_4bit_weights_equal_peft(case, double_quant):
     base, ours, theirs, layers, x = pair(case, double_quant)
-    before = {n: layer.base_layer.packed.clone() for n, layer in lora_layers(ours).items()}
+    before = {n: layer.base_layer.packed.clone() for n, layer in adapter_layers(ours).items()}
     ml.merge(ours)
     for layer in layers.values():
         layer.merge()
-    for name, layer in lora_layers(ours).items():
+    for name, layer in adapter_layers(ours).items():
         # dequantise (bit-exact), add the same fp32 Delta W, quantise again (bit-exact): the same bytes
         assert_same_codes(layer.base_layer, layers[name].get_base_layer(), name)
         assert not torch.equal(layer.base_layer.packed, before[name])  # the merge moved codes
