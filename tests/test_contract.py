@@ -74,12 +74,9 @@ class ShiftLayer(AdapterLayer):
         while self.merged_adapters:
             self.base_layer.bias -= self.shift[self.merged_adapters.pop()]
 
-    def forward(self, x):
+    def adapter_forward(self, x, pending):
         y = self.base_layer(x)
-        if self.disabled:
-            return y
-        self.check_not_training_merged()
-        for name in self.pending_adapters():
+        for name in pending:
             y = y + self.shift[name]
         return y
 

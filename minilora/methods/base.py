@@ -14,8 +14,9 @@ its method. Its per-adapter tensors live in the ModuleDict / ParameterDict attri
 `adapter_tensors`, under peft's names; io.py saves them under peft's keys (`lora_A.weight`, `ia3_l`, ...,
 the adapter name taken out) without knowing the method. A subclass writes
   - `add_adapter(name, config, module_name)` (module_name: the layer's name in the model, for options that
-    depend on it, e.g. IA3's feedforward_modules), `forward(x)` (honouring `disabled`, merged adapters and
-    `batch_adapter_names`), `merged_weights(name)` (the base weight and bias with the adapter folded in, in the
+    depend on it, e.g. IA3's feedforward_modules), `adapter_forward(x, pending)` (the output with the active, unmerged
+    adapters `pending` applied; `forward` has already handled disabled, merged and mixed-batch calls),
+    `merged_weights(name)` (the base weight and bias with the adapter folded in, in the
     base's storage layout: `merge` writes them) and `unmerge()`;
   - the classmethods `check_target(module_name, module, config)` (raise ValueError naming the fix when it cannot wrap
     `module`, which is the base layer or a layer of this class that already holds adapters) and `expected_shapes(module_name, module, config)` (the keys and shapes one adapter has in a layer wrapping
@@ -198,6 +199,17 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 self.base_layer.bias.data.copy_(bias)
             self.merged_adapters.append(name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
+        self.check_not_training_merged()
+        pending = self.pending_adapters()
+        if not pending:  # merged (or nothing active): the base layer alone, W' x
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapter_forward(x, pending, *args, **kwargs)
 
     def check_not_training_merged(self) -> None:
         """Merged adapters get no gradient: training through them would silently learn nothing."""

@@ -139,15 +139,7 @@ class IA3Layer(AdapterLayer):
         """ia3_l[name] shaped to multiply the base weight as stored ((in, out) for Conv1D): along out, or in."""
         return self.ia3_l[name].T if self.fan_in_fan_out else self.ia3_l[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
-        self.check_not_training_merged()
-        pending = self.pending_adapters()
-        if not pending:  # merged (or nothing active): the base layer alone, W' x
-            return self.base_layer(x, *args, **kwargs)
+    def adapter_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
         scale, dtype = 1, x.dtype
         for name in pending:  # l_1 ⊙ l_2 ⊙ ..., multiplied in this order as peft does
             scale = scale * self.ia3_l[name].flatten()

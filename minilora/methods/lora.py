@@ -222,15 +222,7 @@ class LoraLayer(AdapterLayer):
                 b = at_least_fp32(base.bias) - self.scaling[name] * at_least_fp32(self.lora_B[name].bias)
                 base.bias.data.copy_(b.to(base.bias.dtype))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
-        self.check_not_training_merged()
-        pending = self.pending_adapters()
-        if not pending:  # merged (or nothing active): the base layer alone, W' x
-            return self.base_layer(x, *args, **kwargs)
+    def adapter_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
         if self.fused and len(pending) == 1 and not args and not kwargs and self.fusable(pending[0], x):
             name = pending[0]
             return FrozenLinearWithLora.apply(x, self.frozen_weight(), self.base_layer.bias,
