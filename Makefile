@@ -67,6 +67,7 @@ data: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/lora_step.py
+	$(PY) bench/method_step.py
 	$(PY) bench/nf4.py
 
 # Mutation testing of the method files with the tests that exercise them (tests/README.md); not part of

@@ -156,7 +156,7 @@ def corrupt(tmp_path, case):
     elif case == "peft_type":
         config["peft_type"] = "VERA"
     elif case == "unsupported":
-        config["use_dora"] = True
+        config["use_qalora"] = True
     elif case == "missing_config":
         cfg_path.unlink()
         return
@@ -181,7 +181,7 @@ def corrupt(tmp_path, case):
     ("extra_key", "unexpected"),
     ("missing_key", "missing"),
     ("peft_type", r"this is a 'VERA' adapter; minilora loads peft_type \["),
-    ("unsupported", "use_dora"),
+    ("unsupported", "use_qalora"),
     ("missing_config", "adapter_config.json is missing"),
     ("missing_weights", "adapter_model.safetensors is missing"),
     ("pickle_only", "never loaded"),
@@ -228,10 +228,10 @@ def test_config_to_peft_and_back_is_the_same_config(init):
 
 def test_peft_fields_that_are_left_at_their_default_are_accepted():
     d = {**PEFT_DEFAULTS, "target_modules": ["lin0"], "layers_to_transform": None, "rank_pattern": {},
-         "alpha_pattern": {}, "use_dora": False, "trainable_token_indices": [], "loftq_config": {}}
+         "alpha_pattern": {}, "use_qalora": False, "trainable_token_indices": [], "loftq_config": {}}
     assert config_from_peft_dict(d).target_modules == ["lin0"]
-    with pytest.raises(ValueError, match=r"\['rank_pattern', 'use_dora'\]"):
-        config_from_peft_dict({**d, "use_dora": True, "rank_pattern": {"lin0": 2}})
+    with pytest.raises(ValueError, match=r"\['rank_pattern', 'use_qalora'\]"):
+        config_from_peft_dict({**d, "use_qalora": True, "rank_pattern": {"lin0": 2}})
 
 
 def test_state_dict_of_a_model_without_adapters_is_an_error():

@@ -1,5 +1,6 @@
 """The README's "API at a glance" example runs as written (with fewer training steps)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -33,3 +34,18 @@ def test_qlora_example_runs_after_the_api_example(tmp_path, monkeypatch):
     ml = namespace["ml"]
     kinds = {type(m) for m in namespace["full"].modules()}
     assert not kinds & {ml.Linear4bit, ml.LoraLayer, ml.LoraLinear4bit}
+
+
+def test_dora_and_ia3_example_runs_after_the_api_example(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme.split("## API at a glance", 1)[1], re.S)
+    first, methods = blocks[0], blocks[2]
+    assert "use_dora=True" in methods and "IA3Config" in methods and methods.count("steps=200") == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    exec(compile(methods.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    ml = namespace["ml"]
+    assert json.loads((tmp_path / "out/lora/adapter_config.json").read_text())["use_dora"] is True
+    assert json.loads((tmp_path / "out/ia3/adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert not any(isinstance(m, (ml.LoraLayer, ml.IA3Layer)) for m in namespace["merged"].modules())

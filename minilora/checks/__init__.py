@@ -6,7 +6,11 @@ core.py holds the machinery (and says how to write a checker); each lesson's che
 from .core import ExerciseError, passed
 from .lesson01 import lora_param_count, lora_forward, wrapped_modules, merge_unmerge, lora_linear
 from .lesson02 import nf4_storage_bytes, nf4_codes, pack_unpack, dequantize_nf4, qlora_forward
+from .lesson03 import dora_magnitude, dora_forward, dora_norm, dora_merge, dora_linear
+from .lesson05 import ia3_param_count, ia3_forward, ia3_vector_shapes, ia3_merge_unmerge, ia3_mixed_batch
 
 __all__ = ["ExerciseError", "passed",
            "lora_param_count", "lora_forward", "wrapped_modules", "merge_unmerge", "lora_linear",
-           "nf4_storage_bytes", "nf4_codes", "pack_unpack", "dequantize_nf4", "qlora_forward"]
+           "nf4_storage_bytes", "nf4_codes", "pack_unpack", "dequantize_nf4", "qlora_forward",
+           "dora_magnitude", "dora_forward", "dora_norm", "dora_merge", "dora_linear",
+           "ia3_param_count", "ia3_forward", "ia3_vector_shapes", "ia3_merge_unmerge", "ia3_mixed_batch"]

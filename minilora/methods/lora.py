@@ -20,6 +20,8 @@ Because B starts at zero the wrapped model computes exactly what the base did (s
 training the update can be merged, W' = W + (alpha / r) B A, so inference costs nothing extra (section 4.2).
 
 Variants:
+  - DoRA (Liu et al. 2024, `use_dora=True`): W' = m (W + s B A) / ||W + s B A||_c, a trainable magnitude m per
+    output row; its equations and fast paths live in dora.py.
   - rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", section 3):
     scaling alpha / sqrt(r) keeps the update's magnitude stable as r grows.
   - PiSSA (Meng et al. 2024, "Principal Singular values and Singular vectors Adaptation", section 3):
@@ -39,6 +41,7 @@ import torch.nn as nn
 
 from .base import (PEFT_FORMAT_VERSION, AdapterLayer, at_least_fp32, check_peft_dict, check_target_list,
                    in_out_features, is_conv1d)
+from . import dora
 from .lora_fused import FrozenLinearWithLora
 
 INITS = ("default", "gaussian", "pissa")
@@ -62,6 +65,7 @@ class LoraConfig:
     bias: str = "none"  # which base biases also train: "none", "lora_only" (targeted layers), "all"
     lora_bias: bool = False  # give B its own bias
     fan_in_fan_out: bool = False  # weight stored (in, out), like GPT-2's Conv1D; detected automatically
+    use_dora: bool = False  # DoRA (dora.py): a trainable magnitude per output times the normalised W + s B A
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -77,6 +81,8 @@ class LoraConfig:
             raise ValueError(f"init must be one of {INITS} (got {self.init!r}).")
         if self.bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES} (got {self.bias!r}).")
+        if self.use_dora and self.lora_bias:  # as in peft
+            raise ValueError("lora_bias=True is not supported with use_dora=True; set one of them to False.")
 
     @property
     def scaling(self) -> float:
@@ -89,7 +95,7 @@ class LoraConfig:
         return {**PEFT_DEFAULTS, "r": self.r, "lora_alpha": alpha, "lora_dropout": self.dropout,
                 "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
                 "use_rslora": self.use_rslora, "init_lora_weights": init, "bias": self.bias,
-                "lora_bias": self.lora_bias, "fan_in_fan_out": self.fan_in_fan_out}
+                "lora_bias": self.lora_bias, "fan_in_fan_out": self.fan_in_fan_out, "use_dora": self.use_dora}
 
     def for_loading(self) -> "LoraConfig":
         """The config load_adapter injects with: default init, so that PiSSA never rewrites the base weights."""
@@ -98,13 +104,15 @@ class LoraConfig:
     @classmethod
     def from_peft_dict(cls, d: dict) -> "LoraConfig":
         check_peft_dict(d, "LORA", PEFT_DEFAULTS, {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                                                   "use_rslora", "init_lora_weights", "bias", "lora_bias", "fan_in_fan_out"})
+                                                   "use_rslora", "init_lora_weights", "bias", "lora_bias",
+                                                   "fan_in_fan_out", "use_dora"})
         init = d.get("init_lora_weights", True)
         init = "gaussian" if init == "gaussian" else "pissa" if str(init).startswith("pissa") else "default"
         return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                    target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
                    use_rslora=d.get("use_rslora", False), init=init, bias=d.get("bias", "none"),
-                   lora_bias=d.get("lora_bias", False), fan_in_fan_out=d.get("fan_in_fan_out", False))
+                   lora_bias=d.get("lora_bias", False), fan_in_fan_out=d.get("fan_in_fan_out", False),
+                   use_dora=d.get("use_dora", False))
 
 
 # Every field peft 0.21 writes for a LoRA adapter, with its default value.
@@ -126,7 +134,7 @@ class LoraLayer(AdapterLayer):
     """A frozen `base_layer` plus any number of named low-rank updates (lora_A[name], lora_B[name])."""
 
     adapter_tensors = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
-    adapter_dicts = ("r", "scaling")
+    adapter_dicts = ("r", "scaling", "dora_merge_norm")
     base_types: tuple[type, ...] = (nn.Linear,)  # what it wraps, besides GPT-2's Conv1D (recognised by name)
 
     def __init__(self, base_layer: nn.Module):
@@ -136,7 +144,8 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.r, self.scaling = {}, {}
-        self.fused = True  # False: always run the equation as written, never the FrozenLinearWithLora node
+        self.dora_merge_norm, self.dora_w_sq = {}, dora.SquaredRowNorms()  # DoRA: n at merge time, cached ||W_i||^2
+        self.fused = True  # False: always run the equation as written, never the fused nodes or DoRA's fast norm
 
     @classmethod
     def check_target(cls, module_name: str, module: nn.Module, config: LoraConfig) -> None:
@@ -148,6 +157,9 @@ class LoraLayer(AdapterLayer):
         if config.r > min(in_f, out_f):
             raise ValueError(f"r={config.r} is larger than min(in, out)={min(in_f, out_f)} of layer {module_name!r} "
                              f"({in_f} -> {out_f}); a rank-{config.r} update cannot exist there. Use r <= {min(in_f, out_f)}.")
+        if getattr(config, "use_dora", False) and not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"DoRA cannot wrap {module_name!r}, a {type(module).__name__}: it needs the full-precision"
+                             " weight. Use use_dora=False, or dequantize_model(model) first.")
 
     @classmethod
     def expected_shapes(cls, module_name: str, module: nn.Module, config: LoraConfig) -> dict[str, tuple]:
@@ -155,7 +167,14 @@ class LoraLayer(AdapterLayer):
         shapes = {"lora_A.weight": (config.r, in_f), "lora_B.weight": (out_f, config.r)}
         if config.lora_bias:
             shapes["lora_B.bias"] = (out_f,)
+        if getattr(config, "use_dora", False):
+            shapes["lora_magnitude_vector"] = (out_f,)  # peft's file key: no ".weight" (see adapter_state)
         return shapes
+
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        """AdapterLayer's, but DoRA's m is "lora_magnitude_vector": peft's files drop the ".weight" of the module."""
+        return {k.removesuffix(".weight") if k.startswith("lora_magnitude_vector.") else k: v
+                for k, v in super().adapter_state(name).items()}
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str = "") -> None:
         r = config.r
@@ -176,6 +195,8 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(self.lora_B[name].weight)
         if config.lora_bias:
             nn.init.zeros_(self.lora_B[name].bias)
+        if getattr(config, "use_dora", False):
+            dora.add_magnitude(self, name)
 
     def frozen_weight(self):
         """What `FrozenLinearWithLora` multiplies by: the frozen (out, in) weight itself."""
@@ -200,9 +221,12 @@ class LoraLayer(AdapterLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def merged_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + Delta W (and bias + scaling * b_B), added in at least fp32 then cast back to the base dtype."""
-        base = self.base_layer
-        weight = (at_least_fp32(base.weight) + self.delta_weight(name)).to(base.weight.dtype)
+        """W + Delta W (DoRA: (m/n)(W + Delta W)) and bias + scaling * b_B, in at least fp32, cast back to the
+        base dtype."""
+        base, w = self.base_layer, at_least_fp32(self.base_layer.weight)
+        self.dora_w_sq.clear()  # merge writes through .data, which the cache cannot see
+        is_dora = name in self.lora_magnitude_vector
+        weight = (dora.layer_merged_weight(self, name, w) if is_dora else w + self.delta_weight(name)).to(base.weight.dtype)
         bias = None
         if self.lora_B[name].bias is not None:
             if base.bias is None:
@@ -211,13 +235,19 @@ class LoraLayer(AdapterLayer):
             bias = bias.to(base.bias.dtype)
         return weight, bias
 
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (stored layout, at least fp32) with the merge of adapter `name` undone."""
+        is_dora = name in self.lora_magnitude_vector
+        return dora.layer_unmerged_weight(self, name, weight) if is_dora else weight - self.delta_weight(name)
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract merged adapters again, last merged first."""
+        """Undo merged adapters again, last merged first."""
         base = self.base_layer
+        self.dora_w_sq.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data.copy_((at_least_fp32(base.weight) - self.delta_weight(name)).to(base.weight.dtype))
+            base.weight.data.copy_(self.unmerged_weight(name, at_least_fp32(base.weight)).to(base.weight.dtype))
             if self.lora_B[name].bias is not None:
                 b = at_least_fp32(base.bias) - self.scaling[name] * at_least_fp32(self.lora_B[name].bias)
                 base.bias.data.copy_(b.to(base.bias.dtype))
@@ -225,26 +255,32 @@ class LoraLayer(AdapterLayer):
     def adapter_forward(self, x: torch.Tensor, pending: list[str], *args, **kwargs) -> torch.Tensor:
         if self.fused and len(pending) == 1 and not args and not kwargs and self.fusable(pending[0], x):
             name = pending[0]
+            if name in self.lora_magnitude_vector:
+                return dora.layer_fused_forward(self, name, x)
             return FrozenLinearWithLora.apply(x, self.frozen_weight(), self.base_layer.bias,
                                               self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in pending:  # the equation as written; a half-precision base adds fp32 updates, rounded once
             A, B = self.lora_A[name], self.lora_B[name]
-            result = result + B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = result + dora.layer_update(self, name, x.to(A.weight.dtype), result)
+            else:
+                result = result + B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
         return result.to(dtype)
 
     def fusable(self, name: str, x: torch.Tensor) -> bool:
         """The common training case that `FrozenLinearWithLora` computes in one autograd node: a frozen
         nn.Linear, one adapter without dropout or bias, no autocast, and either every tensor in x's dtype or
-        a half-precision base (x in its dtype) with fp32 adapters."""
+        a half-precision base (x in its dtype) with fp32 adapters (DoRA's node: every tensor in x's dtype)."""
         base, A = self.base_layer, self.lora_A[name].weight
         half_base = x.dtype in (torch.float16, torch.bfloat16) and A.dtype == torch.float32
         return (self.base_is_frozen_linear()
                 and (base.bias is None or not base.bias.requires_grad)
                 and self.lora_B[name].bias is None
                 and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
-                and x.dtype == self.base_dtype_device()[0] and (A.dtype == x.dtype or half_base)
+                and x.dtype == self.base_dtype_device()[0]
+                and (A.dtype == x.dtype or half_base and name not in self.lora_magnitude_vector)
                 and not torch.is_autocast_enabled(x.device.type))
 
     def base_is_frozen_linear(self) -> bool:
@@ -262,6 +298,9 @@ class LoraLayer(AdapterLayer):
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge(model) first.")
+        if set(names) & set(self.lora_magnitude_vector):  # peft refuses too
+            raise ValueError("adapter_names cannot include DoRA adapters; run them one at a time with "
+                             "set_adapter(model, name).")
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
         if not present:
             return torch.zeros((), dtype=x.dtype, device=x.device)
