@@ -17,6 +17,8 @@ from minilora.inject import (
     unmerge,
 )
 from minilora.io import adapter_state_dict, load_adapter, save_adapter
+from minilora.methods.adalora import AdaLoraConfig, AdaLoraLayer, orthogonal_penalty
+from minilora.methods.adalora_budget import RankAllocator, budget_at, prune
 from minilora.methods.ia3 import IA3Config, IA3Layer
 from minilora.methods.lora import LoraConfig, LoraLayer
 from minilora.methods.nf4 import NF4Tensor, dequantize, quantize
@@ -38,6 +40,8 @@ __all__ = [
     "disable_adapters", "delete_adapter", "add_weighted_adapter", "save_adapter", "load_adapter", "adapter_state_dict",
     # IA3
     "IA3Config", "IA3Layer",
+    # AdaLoRA
+    "AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "orthogonal_penalty", "budget_at", "prune",
     # QLoRA / NF4
     "NF4Tensor", "quantize", "dequantize", "Linear4bit", "LoraLinear4bit", "quantize_model", "dequantize_model",
     # training

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from .methods.adalora import AdaLoraConfig, AdaLoraLayer
 from .methods.base import AdapterLayer, at_least_fp32, name_matches
 from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer
@@ -56,6 +57,7 @@ class Method:
 METHODS = {
     "LORA": Method(LoraConfig, LoraLayer, {Linear4bit: LoraLinear4bit}),
     "IA3": Method(IA3Config, IA3Layer),
+    "ADALORA": Method(AdaLoraConfig, AdaLoraLayer),
 }
 
 

@@ -5,7 +5,8 @@ A directory holds two files, exactly as peft 0.21 writes them:
                              each config class converts itself: `to_peft_dict` / `from_peft_dict`)
   adapter_model.safetensors  tensors keyed "base_model.model.<module>.<key>", <key> as the layer's
                              `adapter_state` names it: lora_A.weight, lora_B.weight, lora_magnitude_vector.weight,
-                             ia3_l (the adapter name is not part of the key; it is chosen again at load time)
+                             ia3_l, lora_E (the adapter name is not part of the key; it is chosen again at
+                             load time)
 
 Nothing here knows a method: shapes come from the layer class's `expected_shapes`, tensors go in through
 `load_adapter_state`, and a config may provide `for_loading()` (the config to inject with before the file's
@@ -51,7 +52,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     out = {}
     layers = adapter_layers(model)
     for lname, layer in layers.items():
-        out.update({f"{lname}.{k}": v for k, v in layer.adapter_state(adapter_name).items()})
+        out.update({f"{lname}.{k}": v for k, v in layer.saved_state(adapter_name).items()})
     bias = getattr(configs[adapter_name], "bias", "none")
     if bias == "all":
         adapter_ids = {id(p) for layer in layers.values() for n in layer.adapters for p in layer.adapter_parameters(n)}

@@ -165,8 +165,15 @@ def _model_inputs(model, batch: dict) -> dict:
 # ----------------------------------------------------------------------------- loops
 
 
-def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0) -> History:
-    """Optimise the trainable parameters of ``model`` on ``rows`` (from encode_examples or lm_chunks)."""
+def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss=None, on_step=None) -> History:
+    """Optimise the trainable parameters of ``model`` on ``rows`` (from encode_examples or lm_chunks).
+
+    Hooks for methods that need more than the task loss (AdaLoRA's RankAllocator provides both):
+      extra_loss(model) -> tensor   added to the loss before backward (e.g. a regulariser); the history
+                                    records the task loss alone
+      on_step(model, step)          after optimizer step ``step`` (1, 2, ..., cfg.steps), while the
+                                    gradients of that step are still there
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters; inject an adapter or unfreeze some weights")
@@ -192,10 +199,12 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0) -> History
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train")
     for step in bar:
         out = model(**_model_inputs(model, next(batches)))
-        out.loss.backward()
+        (out.loss + extra_loss(model) if extra_loss is not None else out.loss).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if on_step is not None:
+            on_step(model, step + 1)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         running.append(out.loss.item())

@@ -21,7 +21,8 @@ the adapter name taken out) without knowing the method. A subclass writes
   - the classmethods `check_target(module_name, module, config)` (raise ValueError naming the fix when it cannot wrap
     `module`, which is the base layer or a layer of this class that already holds adapters) and `expected_shapes(module_name, module, config)` (the keys and shapes one adapter has in a layer wrapping
     `module`, so a file is checked before anything changes);
-  - `mixed_batch_forward(x, names)` if it runs a different adapter per example (LoRA does).
+  - `mixed_batch_forward(x, names)` if it runs a different adapter per example (LoRA does), and
+    `saved_state(name)` if a file should hold less than `adapter_state(name)` (AdaLoRA's masked ranks).
 Everything else (which adapters exist, are active, merged, disabled; deleting one; its tensors in peft's
 naming; loading them) is written here once.
 """
@@ -148,6 +149,10 @@ class AdapterLayer(nn.Module):
             else:
                 out[attr] = item
         return out
+
+    def saved_state(self, name: str) -> dict[str, torch.Tensor]:
+        """What a file holds for the adapter, keyed like `adapter_state` (AdaLoRA keeps only its kept ranks)."""
+        return self.adapter_state(name)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_state(name).values())
