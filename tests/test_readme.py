@@ -49,3 +49,20 @@ def test_dora_and_ia3_example_runs_after_the_api_example(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out/lora/adapter_config.json").read_text())["use_dora"] is True
     assert json.loads((tmp_path / "out/ia3/adapter_config.json").read_text())["peft_type"] == "IA3"
     assert not any(isinstance(m, (ml.LoraLayer, ml.IA3Layer)) for m in namespace["merged"].modules())
+
+
+def test_adalora_example_runs_after_the_api_example(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme.split("## API at a glance", 1)[1], re.S)
+    first, ada = blocks[0], blocks[3]
+    assert "AdaLoraConfig" in ada and ada.count("total_step=200") == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    # a shorter schedule of the same shape: warm-up, falling budget, final phase
+    short = ada.replace("tinit=20, tfinal=40, deltaT=10, total_step=200", "tinit=2, tfinal=4, deltaT=2, total_step=14")
+    exec(compile(short, "README.md", "exec"), namespace)
+    config = json.loads((tmp_path / "out/adalora/adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["rank_pattern"]
+    kept = sum(sum(v) for v in config["rank_pattern"].values())
+    assert kept == 8 * len(config["rank_pattern"])  # target_r per layer on average
