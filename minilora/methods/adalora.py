@@ -165,9 +165,9 @@ class AdaLoraLayer(AdapterLayer):
         self.scaling[name], self.ranknum[name], self.rank_mask[name] = float(config.alpha), float(config.init_r), None
 
     def divisor(self, name: str) -> torch.Tensor:
-        """ranknum + 1e-5 as peft holds it: a tensor in the base's dtype."""
-        dtype, device = self.base_dtype_device()
-        return torch.tensor(self.ranknum[name], dtype=dtype, device=device) + 1e-5
+        """ranknum + 1e-5 as peft holds it: a tensor in the adapter's dtype (fp32 over half-precision bases)."""
+        A = self.lora_A[name]
+        return torch.tensor(self.ranknum[name], dtype=A.dtype, device=A.device) + 1e-5
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """(alpha / r_0) P Λ Q in at least fp32, shaped like the stored base weight."""

@@ -232,3 +232,25 @@ def test_merge_matches_peft():
     for k, p in ours.named_parameters():
         if k.endswith("base_layer.weight"):
             assert max_rel_err(p, base_params[k.replace(".base_layer", "")]) <= 1e-13, k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_outputs_equal_peft(dtype):
+    """fp32 adapters over a half-precision base in both libraries: the fp32 update added to the base output and
+    rounded once, so outputs agree bit for bit."""
+    torch.manual_seed(0)
+    base = tiny_decoder().to(dtype)
+    cfg = ml.AdaLoraConfig(**{**SCHEDULE, "target_modules": TARGETS})
+    ours = ml.inject(copy.deepcopy(base), cfg)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg))
+    g = torch.Generator().manual_seed(1)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for layer in adapter_layers(ours).values():
+            layer.lora_E["default"].copy_(torch.randn(layer.lora_E["default"].shape, generator=g) * 0.1)
+        for k, p in ours.named_parameters():
+            if ".lora_" in k:
+                assert p.dtype == theirs_params["base_model.model." + k].dtype == torch.float32
+                theirs_params["base_model.model." + k].copy_(p)
+    x = torch.randint(0, 64, (3, 9))
+    assert torch.equal(ours(input_ids=x).logits, theirs(input_ids=x).logits)
