@@ -13,17 +13,12 @@ import minilora as ml
 from minilora import checks
 from minilora.checks import ExerciseError
 
+from adapters import fails_with, global_random_state_unchanged, in_out, placeholder
+
 SEEDS = [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- right answers
-
-def in_out(cfg):
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"q_proj": (cfg.d_model, q_out), "k_proj": (cfg.d_model, kv_out), "v_proj": (cfg.d_model, kv_out),
-            "o_proj": (q_out, cfg.d_model), "gate_proj": (cfg.d_model, cfg.d_ff),
-            "up_proj": (cfg.d_model, cfg.d_ff), "down_proj": (cfg.d_ff, cfg.d_model)}
-
 
 def count_by_formula(cfg, r, targets):
     return cfg.n_layers * sum(r * (in_out(cfg)[t][0] + in_out(cfg)[t][1]) for t in targets)
@@ -83,14 +78,6 @@ class LoraLinear(nn.Module):
         return self.base(x) + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
 
 
-def fails_with(check, *args, hint: str, seed: int = 0) -> str:
-    with pytest.raises(ExerciseError) as info:
-        check(*args, seed=seed)
-    message = str(info.value)
-    assert hint in message, message
-    return message
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_right_answers_pass(seed, capsys):
     checks.lora_param_count(count_by_formula, seed=seed)
@@ -106,12 +93,9 @@ def test_right_answers_pass(seed, capsys):
 
 
 def test_checks_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    checks.lora_forward(forward_unfused)
-    checks.merge_unmerge(merge_weight, unmerge_weight)
-    assert torch.equal(torch.rand(3), expected)
+    with global_random_state_unchanged():
+        checks.lora_forward(forward_unfused)
+        checks.merge_unmerge(merge_weight, unmerge_weight)
 
 
 # ----------------------------------------------------------------------------- 1. counting parameters
@@ -268,10 +252,6 @@ def test_lora_linear_rejects_common_mistakes(seed):
 # ----------------------------------------------------------------------------- plain-words failures
 
 def test_not_implemented_yet_is_reported_as_such():
-    def placeholder(*args):
-        # YOUR CODE HERE
-        raise NotImplementedError()
-
     class Placeholder(nn.Module):
         def __init__(self, *args):
             super().__init__()
@@ -361,12 +341,9 @@ def test_lesson_02_right_answers_pass(seed, capsys):
 
 
 def test_lesson_02_checks_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    checks.nf4_codes(nf4_codes)
-    checks.qlora_forward(qlora_forward)
-    assert torch.equal(torch.rand(3), expected)
+    with global_random_state_unchanged():
+        checks.nf4_codes(nf4_codes)
+        checks.qlora_forward(qlora_forward)
 
 
 # ----------------------------------------------------------------------------- 1. bytes of a 4-bit weight
@@ -522,9 +499,6 @@ def test_qlora_forward_rejects_common_mistakes(seed):
 
 
 def test_lesson_02_not_implemented_yet_is_reported_as_such():
-    def placeholder(*args):
-        raise NotImplementedError()
-
     for check, answers in [(checks.nf4_storage_bytes, [placeholder]), (checks.nf4_codes, [placeholder]),
                            (checks.dequantize_nf4, [placeholder]), (checks.qlora_forward, [placeholder]),
                            (checks.pack_unpack, [placeholder, unpack_codes])]:

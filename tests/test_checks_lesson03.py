@@ -8,17 +8,10 @@ import torch
 import torch.nn as nn
 
 from minilora import checks
-from minilora.checks import ExerciseError
+
+from adapters import fails_with, global_random_state_unchanged, placeholder
 
 SEEDS = [0, 1, 2]
-
-
-def fails_with(check, *args, hint: str, seed: int = 0) -> str:
-    with pytest.raises(ExerciseError) as info:
-        check(*args, seed=seed)
-    message = str(info.value)
-    assert hint in message, message
-    return message
 
 
 # ----------------------------------------------------------------------------- right answers
@@ -92,12 +85,9 @@ def test_right_answers_pass(seed, capsys):
 
 
 def test_checks_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    checks.dora_forward(dora_forward)
-    checks.dora_linear(DoraLinear)
-    assert torch.equal(torch.rand(3), expected)
+    with global_random_state_unchanged():
+        checks.dora_forward(dora_forward)
+        checks.dora_linear(DoraLinear)
 
 
 # ----------------------------------------------------------------------------- 1. the magnitude
@@ -265,9 +255,6 @@ def test_dora_linear_rejects_common_mistakes(seed):
 
 
 def test_not_implemented_yet_is_reported_as_such():
-    def placeholder(*args):
-        raise NotImplementedError()
-
     for check in (checks.dora_magnitude, checks.dora_forward, checks.dora_norm, checks.dora_merge, checks.dora_linear):
         message = fails_with(check, placeholder, hint="is not implemented yet")
         assert "Hint:" in message

@@ -11,25 +11,12 @@ import minilora as ml
 from minilora import checks
 from minilora.checks import ExerciseError
 
+from adapters import fails_with, global_random_state_unchanged, in_out, placeholder
+
 SEEDS = [0, 1, 2]
 
 
-def fails_with(check, *args, hint: str, seed: int = 0) -> str:
-    with pytest.raises(ExerciseError) as info:
-        check(*args, seed=seed)
-    message = str(info.value)
-    assert hint in message, message
-    return message
-
-
 # ----------------------------------------------------------------------------- right answers
-
-def in_out(cfg):
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"q_proj": (cfg.d_model, q), "k_proj": (cfg.d_model, kv), "v_proj": (cfg.d_model, kv),
-            "o_proj": (q, cfg.d_model), "gate_proj": (cfg.d_model, cfg.d_ff), "up_proj": (cfg.d_model, cfg.d_ff),
-            "down_proj": (cfg.d_ff, cfg.d_model)}
-
 
 def count(cfg, targets, feedforward, side=lambda t, ff, io: io[t][0] if t in ff else io[t][1]):
     return cfg.n_layers * sum(side(t, feedforward, in_out(cfg)) for t in targets)
@@ -111,13 +98,10 @@ def test_lesson_05_right_answers_pass(seed, capsys):
 
 
 def test_lesson_05_checks_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    checks.ia3_forward(forward)
-    checks.ia3_merge_unmerge(merge, unmerge)
-    checks.ia3_mixed_batch(mixed)
-    assert torch.equal(torch.rand(3), expected)
+    with global_random_state_unchanged():
+        checks.ia3_forward(forward)
+        checks.ia3_merge_unmerge(merge, unmerge)
+        checks.ia3_mixed_batch(mixed)
 
 
 def test_unmerge_may_divide_by_l_plus_peft_epsilon():
@@ -275,8 +259,6 @@ def test_mixed_batch_rejects_common_mistakes(seed):
 
 
 def test_lesson_05_not_implemented_yet_is_reported_as_such():
-    def placeholder(*args):
-        raise NotImplementedError()
     for check, answers in [(checks.ia3_param_count, [placeholder]), (checks.ia3_forward, [placeholder]),
                            (checks.ia3_vector_shapes, [placeholder]),
                            (checks.ia3_merge_unmerge, [placeholder, unmerge]),

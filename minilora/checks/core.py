@@ -27,10 +27,12 @@ Writing a checker for a new exercise (each lesson adds its own module and one im
   3. Call the student's code only through `call(fn, *args, name=..., hint=...)`.
   4. Compare with `expect_tensor` (type, shape, dtype, then values) or raise `ExerciseError` yourself.
      Where a wrong answer is common (the scaling left out, B A transposed), compute it too and, when the
-     student's result matches it, give the hint that names that idea.
+     student's result matches it, give the hint that names that idea. `expect_int` checks a count,
+     `expect_differentiable` that an output is in the autograd graph, and for a student's nn.Module
+     `expect_parameters` its nn.Parameter attributes and `parameter_grad` that a gradient reached one.
   5. Finish with `passed("...")`, one short line.
-  6. In tests/test_checks.py, show that the package's own answer passes and that each plausible wrong
-     answer fails with its hint.
+  6. In tests/test_checks*.py, show that the package's own answer passes and that each plausible wrong
+     answer fails with its hint (`fails_with` and the other shared helpers are in tests/adapters.py).
 """
 
 import functools
@@ -129,16 +131,21 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def expect_tensor(got, want: torch.Tensor, what: str, mistakes: list[tuple[torch.Tensor, str]], hint: str) -> None:
-    """Raise ExerciseError unless `got` is a tensor with want's shape, dtype and values.
-
-    `mistakes` are (result of a common wrong answer, hint about it): when the values are wrong and match one
-    of them, its hint is given instead of the general `hint`."""
+def expect_shape(got, want: torch.Tensor, what: str, hint: str) -> None:
+    """Raise ExerciseError unless `got` is a tensor of want's shape."""
     if not isinstance(got, torch.Tensor):
         raise ExerciseError(f"{what} should be a torch.Tensor, got {type(got).__name__}. Hint: {hint}")
     if got.shape != want.shape:
         raise ExerciseError(f"{what} has the wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}. "
                             f"Hint: {hint}")
+
+
+def expect_tensor(got, want: torch.Tensor, what: str, mistakes: list[tuple[torch.Tensor, str]], hint: str) -> None:
+    """Raise ExerciseError unless `got` is a tensor with want's shape, dtype and values.
+
+    `mistakes` are (result of a common wrong answer, hint about it): when the values are wrong and match one
+    of them, its hint is given instead of the general `hint`."""
+    expect_shape(got, want, what, hint)
     if got.dtype != want.dtype:
         raise ExerciseError(f"{what} has the wrong dtype: expected {want.dtype}, the dtype of the inputs, got "
                             f"{got.dtype}. Hint: torch keeps the inputs' dtype through @, + and *, so there is "
@@ -153,20 +160,71 @@ def expect_tensor(got, want: torch.Tensor, what: str, mistakes: list[tuple[torch
                         f"Hint: {hint}")
 
 
-def _package_layer(W, b, A, B, alpha, r, use_rslora=False) -> LoraLayer:
-    """An ml.LoraLayer holding exactly these W, b, A and B (the reference for a hand-written layer)."""
+def expect_int(got, name: str, hint: str = "sum Python ints, or call int(...) on the total.",
+               what: str = "a whole number (int)") -> None:
+    """Raise ExerciseError unless the count `name` returned is an int (a bool, a float or a tensor is not)."""
+    if isinstance(got, bool) or not isinstance(got, numbers.Integral):
+        raise ExerciseError(f"{name} should return {what}, got {type(got).__name__} {got!r}. Hint: {hint}")
+
+
+def expect_differentiable(got: torch.Tensor, what: str, inputs: str) -> None:
+    """Raise ExerciseError unless `got` is in the autograd graph of the trainable `inputs` ("A and B")."""
+    if not got.requires_grad:
+        raise ExerciseError(f"{what} does not depend on {inputs} through autograd. Hint: use {inputs} themselves, "
+                            "not a copy, .detach() or .data, and not inside torch.no_grad().")
+
+
+# ----------------------------------------------------------------------------- a student's module
+
+def expect_parameters(module: nn.Module, name: str, shapes: dict[str, tuple[int, ...]], how: str, hint: str) -> None:
+    """Raise ExerciseError unless module.<attr> is an nn.Parameter of each of these shapes; `how` says how to
+    register one."""
+    for attr, shape in shapes.items():
+        p = getattr(module, attr, None)
+        if not isinstance(p, nn.Parameter):
+            raise ExerciseError(f"{name} should keep self.{attr} as an nn.Parameter of shape {shape}, got "
+                                f"{type(p).__name__}. Hint: {how}")
+        if tuple(p.shape) != shape:
+            raise ExerciseError(f"{name}.{attr} has the wrong shape: expected {shape}, got {tuple(p.shape)}. "
+                                f"Hint: {hint}")
+
+
+def parameter_grad(module: nn.Module, name: str, attr: str) -> torch.Tensor:
+    """module.<attr>.grad after a backward pass, or ExerciseError when no gradient reached it."""
+    grad = getattr(module, attr).grad
+    if grad is None:
+        raise ExerciseError(f"no gradient reached {name}.{attr}. Hint: the forward must use self.{attr} "
+                            "itself, not a copy, .detach() or .data, and not inside torch.no_grad().")
+    return grad
+
+
+# ----------------------------------------------------------------------------- reference layers and inputs
+
+def _linear(W: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding exactly W (d_out, d_in) and b (no bias when b is None), in W's dtype."""
     d_out, d_in = W.shape
     base = nn.Linear(d_in, d_out, bias=b is not None, dtype=W.dtype)
-    layer = LoraLayer(base)
-    layer.add_adapter("default", LoraConfig(r=r, alpha=alpha, use_rslora=use_rslora, target_modules=["layer"]))
-    layer.active_adapters = ["default"]
     with torch.no_grad():
         base.weight.copy_(W)
         if b is not None:
             base.bias.copy_(b)
+    return base
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each projection in a DecoderLM block, read from the model."""
+    return {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
+            for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
+
+
+def _package_layer(W, b, A, B, alpha, r, use_rslora=False) -> LoraLayer:
+    """An ml.LoraLayer holding exactly these W, b, A and B (the reference for a hand-written layer)."""
+    layer = LoraLayer(_linear(W, b).requires_grad_(False))
+    layer.add_adapter("default", LoraConfig(r=r, alpha=alpha, use_rslora=use_rslora, target_modules=["layer"]))
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
         layer.lora_A["default"].weight.copy_(A)
         layer.lora_B["default"].weight.copy_(B)
-    base.requires_grad_(False)
     return layer
 
 

@@ -2,7 +2,6 @@
 
 import copy
 import math
-import numbers
 
 import torch
 import torch.nn as nn
@@ -10,20 +9,14 @@ from torch.overrides import TorchFunctionMode
 
 from minilora import DecoderLM, LoraConfig, LoraLayer, Seq2SeqLM, get_config, inject, trainable_report
 
-from .core import (call, checker, ExerciseError, expect_tensor, passed, _choice, _clones, _generator, _package_layer,
-                   _randint, _random_lora)
+from .core import (call, checker, ExerciseError, expect_int, expect_parameters, expect_tensor, parameter_grad, passed,
+                   _choice, _clones, _generator, _linear, _linear_shapes, _package_layer, _randint, _random_lora)
 
 # ----------------------------------------------------------------------------- 1. counting parameters
 
 COUNT_HINT = ("every targeted matrix W (d_out × d_in) in every layer gets A (r × d_in) and B (d_out × r); "
               "q_proj has n_heads·head_dim outputs, k_proj and v_proj n_kv_heads·head_dim, and the MLP "
               "matrices map d_model to d_ff and back.")
-
-
-def _linear_shapes(model: DecoderLM) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each projection in a DecoderLM block, read from the model."""
-    return {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
-            for name, m in model.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
 
 
 @checker
@@ -43,9 +36,7 @@ def lora_param_count(student_fn, seed: int | None = None) -> None:
         want = trainable_report(inject(model, LoraConfig(r=r, target_modules=targets)), verbose=False).trainable
 
         got = call(student_fn, copy.deepcopy(cfg), r, list(targets), name="lora_param_count", hint=COUNT_HINT)
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise ExerciseError(f"lora_param_count should return a whole number (int), got {type(got).__name__} "
-                                f"{got!r}. Hint: sum Python ints, or call int(...) on the total.")
+        expect_int(got, "lora_param_count")
         if got == want:
             continue
         case = (f"n_layers={cfg.n_layers}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
@@ -295,22 +286,13 @@ def lora_linear(student_cls, seed: int | None = None) -> None:
         d_out = d_in + 4 * _randint(g, 1, 3)
         W, b, A, B = _random_lora(g, d_in, d_out, r)
         x = torch.randn(2, 3, d_in, generator=g)
-        base = nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            base.weight.copy_(W)
-            base.bias.copy_(b)
+        base = _linear(W, b)
         name = f"LoraLinear(base, r={r}, alpha={alpha:g}, use_rslora={use_rslora})"
         module = call(student_cls, base, r, alpha, use_rslora, name=name, hint=LORA_LINEAR_HINT)
 
-        for attr, shape in (("lora_A", (r, d_in)), ("lora_B", (d_out, r))):
-            p = getattr(module, attr, None)
-            if not isinstance(p, nn.Parameter):
-                raise ExerciseError(f"{name} should keep self.{attr} as an nn.Parameter of shape {shape}, got "
-                                    f"{type(p).__name__}. Hint: nn.Parameter(torch.empty(...)) registers a tensor "
-                                    "as a trainable parameter of the module.")
-            if tuple(p.shape) != shape:
-                raise ExerciseError(f"{name}.{attr} has the wrong shape: expected {shape}, got {tuple(p.shape)}. "
-                                    f"Hint: {LORA_LINEAR_HINT}")
+        expect_parameters(module, name, {"lora_A": (r, d_in), "lora_B": (d_out, r)},
+                          "nn.Parameter(torch.empty(...)) registers a tensor as a trainable parameter of the module.",
+                          LORA_LINEAR_HINT)
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         if sorted(trainable) != ["lora_A", "lora_B"]:
             raise ExerciseError(f"{name} trains {trainable}, expected exactly lora_A and lora_B. Hint: LoRA freezes "
@@ -344,10 +326,7 @@ def lora_linear(student_cls, seed: int | None = None) -> None:
         (want * grad_out).sum().backward()
         (got * grad_out).sum().backward()
         for attr in ("lora_A", "lora_B"):
-            grad = getattr(module, attr).grad
-            if grad is None:
-                raise ExerciseError(f"no gradient reached {name}.{attr}. Hint: the forward must use self.{attr} "
-                                    "itself, not a copy, .detach() or .data, and not inside torch.no_grad().")
+            grad = parameter_grad(module, name, attr)
             expect_tensor(grad, getattr(layer, attr)["default"].weight.grad, f"the gradient of {attr}", [],
                           "the output must depend on A and B exactly as in the forward equation.")
     passed("LoraLinear matches ml.LoraLayer: it starts at the base model, trains only A and B, and gives the "

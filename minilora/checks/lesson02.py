@@ -1,14 +1,12 @@
 """Checkers for lesson 02 (QLoRA and NF4)'s exercises (the machinery and how to write one: core.py)."""
 
-import numbers
-
 import torch
-import torch.nn as nn
 
 from minilora import Linear4bit, LoraConfig, LoraLinear4bit, dequantize, quantize
 from minilora.methods.nf4 import nf4_codebook
 
-from .core import call, checker, ExerciseError, expect_tensor, passed, _choice, _generator, _randint, _random_lora
+from .core import (call, checker, ExerciseError, expect_differentiable, expect_int, expect_shape, expect_tensor, passed,
+                   _choice, _generator, _randint, _random_lora)
 from .lesson01 import _scaling_mistakes
 
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -30,11 +28,7 @@ def _on_a_midpoint(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def _expect_codes(got, want: torch.Tensor, what: str, mistakes: list[tuple[torch.Tensor, str]], hint: str,
                   either: torch.Tensor | None = None) -> None:
     """Raise ExerciseError unless `got` is a uint8 tensor equal to `want` (except where `either` is True)."""
-    if not isinstance(got, torch.Tensor):
-        raise ExerciseError(f"{what} should be a torch.Tensor, got {type(got).__name__}. Hint: {hint}")
-    if got.shape != want.shape:
-        raise ExerciseError(f"{what} has the wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}. "
-                            f"Hint: {hint}")
+    expect_shape(got, want, what, hint)
     if got.dtype != torch.uint8:
         raise ExerciseError(f"{what} has the wrong dtype: expected torch.uint8 (one byte per entry), got {got.dtype}. "
                             "Hint: .to(torch.uint8) converts integer codes; shifts and | on uint8 tensors stay uint8.")
@@ -69,10 +63,8 @@ def nf4_storage_bytes(student_fn, seed: int | None = None) -> None:
     for numel, blocksize, double_quant in trials:
         want = quantize(torch.empty(numel, device="meta"), blocksize, double_quant).nbytes
         got = call(student_fn, numel, blocksize, double_quant, name="nf4_storage_bytes", hint=STORAGE_HINT)
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise ExerciseError(f"nf4_storage_bytes should return a whole number of bytes (int), got "
-                                f"{type(got).__name__} {got!r}. Hint: use integer arithmetic (// rounds down; "
-                                "-(-a // b) rounds up), or int(...) on the total.")
+        expect_int(got, "nf4_storage_bytes", what="a whole number of bytes (int)",
+                   hint="use integer arithmetic (// rounds down; -(-a // b) rounds up), or int(...) on the total.")
         if got == want:
             continue
         blocks, full_blocks = -(-numel // blocksize), numel // blocksize
@@ -294,9 +286,7 @@ def qlora_forward(student_fn, seed: int | None = None) -> None:
                                                             "then B takes r to d_out.")]
         what = f"qlora_forward's output for x of shape {tuple(x.shape)}, W {d_out} x {d_in}"
         expect_tensor(got, want.detach(), what, mistakes, QLORA_HINT)
-        if not got.requires_grad:
-            raise ExerciseError(f"{what} does not depend on A and B through autograd. Hint: use A and B themselves, "
-                                "not a copy, .detach() or .data, and not inside torch.no_grad().")
+        expect_differentiable(got, what, "A and B")
         (got * grad_out).sum().backward()
         references = (("A", A_in, layer.lora_A["default"].weight), ("B", B_in, layer.lora_B["default"].weight),
                       ("x", x_in, x_ref))

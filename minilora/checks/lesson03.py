@@ -3,26 +3,19 @@
 import math
 
 import torch
-import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from minilora import LoraConfig, LoraLayer
 from minilora.methods.dora import weight_norm_plain
 
-from .core import call, checker, ExerciseError, expect_tensor, passed, _choice, _clones, _generator, _randint, _random_lora
+from .core import (call, checker, ExerciseError, expect_differentiable, expect_parameters, expect_tensor,
+                   parameter_grad, passed, _choice, _clones, _generator, _linear, _randint, _random_lora)
 from .lesson01 import _scaling_mistakes
 
 
 def _dora_layer(W, b, A, B, m, alpha, r) -> LoraLayer:
     """An ml.LoraLayer with a DoRA adapter holding exactly these W, b, A, B and m (the reference layer)."""
-    d_out, d_in = W.shape
-    base = nn.Linear(d_in, d_out, bias=b is not None, dtype=W.dtype)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        if b is not None:
-            base.bias.copy_(b)
-    base.requires_grad_(False)
-    layer = LoraLayer(base)
+    layer = LoraLayer(_linear(W, b).requires_grad_(False))
     layer.add_adapter("default", LoraConfig(r=r, alpha=alpha, target_modules=["layer"], use_dora=True))
     layer.active_adapters = ["default"]
     with torch.no_grad():
@@ -152,9 +145,7 @@ def dora_forward(student_fn, seed: int | None = None) -> None:
                                  "its columns."))
         what = f"dora_forward's output for x of shape {tuple(x.shape)}, W {d_out} x {d_in}"
         expect_tensor(got, want.detach(), what, mistakes, FORWARD_HINT)
-        if not got.requires_grad:
-            raise ExerciseError(f"{what} does not depend on A, B and m through autograd. Hint: use A, B and m "
-                                "themselves, not a copy, .detach() or .data, and not inside torch.no_grad().")
+        expect_differentiable(got, what, "A, B and m")
         (got * grad_out).sum().backward()
         # the gradients the common mistake gives: the exact gradient of eq. 5, with the norm in the graph
         Aw, Bw = (t.clone().requires_grad_(True) for t in (A, B))
@@ -292,23 +283,13 @@ def dora_linear(student_cls, seed: int | None = None) -> None:
         W, b, A, B, m = _random_dora(g, d_in, d_out, r)
         b = b if with_bias else None
         x = torch.randn(2, 3, d_in, generator=g)
-        base = nn.Linear(d_in, d_out, bias=with_bias)
-        with torch.no_grad():
-            base.weight.copy_(W)
-            if with_bias:
-                base.bias.copy_(b)
+        base = _linear(W, b)
         name = f"DoraLinear(base, r={r}, alpha={alpha:g})"
         module = call(student_cls, base, r, alpha, name=name, hint=DORA_LINEAR_HINT)
 
-        for attr, shape in (("lora_A", (r, d_in)), ("lora_B", (d_out, r)), ("magnitude", (d_out,))):
-            p = getattr(module, attr, None)
-            if not isinstance(p, nn.Parameter):
-                raise ExerciseError(f"{name} should keep self.{attr} as an nn.Parameter of shape {shape}, got "
-                                    f"{type(p).__name__}. Hint: nn.Parameter(tensor) registers a tensor as a "
-                                    "trainable parameter of the module.")
-            if tuple(p.shape) != shape:
-                raise ExerciseError(f"{name}.{attr} has the wrong shape: expected {shape}, got {tuple(p.shape)}. "
-                                    f"Hint: {DORA_LINEAR_HINT}")
+        expect_parameters(module, name, {"lora_A": (r, d_in), "lora_B": (d_out, r), "magnitude": (d_out,)},
+                          "nn.Parameter(tensor) registers a tensor as a trainable parameter of the module.",
+                          DORA_LINEAR_HINT)
         trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
         if trainable != ["lora_A", "lora_B", "magnitude"]:
             raise ExerciseError(f"{name} trains {trainable}, expected exactly lora_A, lora_B and magnitude. Hint: "
@@ -352,10 +333,7 @@ def dora_linear(student_cls, seed: int | None = None) -> None:
         (yw * grad_out).sum().backward()
         for attr, ref, wrong in (("lora_A", layer.lora_A["default"].weight, Aw), ("lora_B", layer.lora_B["default"].weight, Bw),
                                  ("magnitude", layer.lora_magnitude_vector["default"].weight, None)):
-            grad = getattr(module, attr).grad
-            if grad is None:
-                raise ExerciseError(f"no gradient reached {name}.{attr}. Hint: the forward must use self.{attr} "
-                                    "itself, not a copy, .detach() or .data, and not inside torch.no_grad().")
+            grad = parameter_grad(module, name, attr)
             mistakes = [] if wrong is None else [(wrong.grad, "the norm n must not receive a gradient (section "
                                                               "4.3): detach it.")]
             expect_tensor(grad, ref.grad, f"the gradient of {attr}", mistakes,

@@ -1,14 +1,14 @@
 """Checkers for lesson 05 (IA³)'s exercises (the machinery and how to write one: core.py)."""
 
 import copy
-import numbers
 
 import torch
 import torch.nn as nn
 
 from minilora import DecoderLM, IA3Config, IA3Layer, get_config, inject, trainable_report
 
-from .core import call, checker, ExerciseError, expect_tensor, passed, _choice, _generator, _randint
+from .core import (call, checker, ExerciseError, expect_int, expect_tensor, passed, _choice, _generator, _linear,
+                   _linear_shapes, _randint)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -25,21 +25,12 @@ def _tiny_config(g):
 def _in_out(cfg) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each projection of a block, read from a model built with the config."""
     with torch.device("meta"):
-        block = DecoderLM(cfg).model.layers[0]
-    return {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
-            for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        return _linear_shapes(DecoderLM(cfg))
 
 
 def _ia3_layer(W, b, vectors: dict[str, torch.Tensor], feedforward: bool) -> IA3Layer:
     """An ml.IA3Layer over nn.Linear(W, b) holding these named vectors (1-D, as the exercises take them)."""
-    d_out, d_in = W.shape
-    base = nn.Linear(d_in, d_out, bias=b is not None, dtype=W.dtype)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        if b is not None:
-            base.bias.copy_(b)
-    base.requires_grad_(False)
-    layer = IA3Layer(base)
+    layer = IA3Layer(_linear(W, b).requires_grad_(False))
     config = IA3Config(target_modules=["layer"], feedforward_modules=["layer"] if feedforward else None)
     for name, l in vectors.items():
         layer.add_adapter(name, config, "layer")
@@ -86,9 +77,7 @@ def ia3_param_count(student_fn, seed: int | None = None) -> None:
 
         got = call(student_fn, copy.deepcopy(cfg), list(targets), list(feedforward), name="ia3_param_count",
                    hint=COUNT_HINT)
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise ExerciseError(f"ia3_param_count should return a whole number (int), got {type(got).__name__} "
-                                f"{got!r}. Hint: sum Python ints, or call int(...) on the total.")
+        expect_int(got, "ia3_param_count")
         if got == want:
             continue
         io = _in_out(cfg)

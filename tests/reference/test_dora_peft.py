@@ -14,22 +14,16 @@ import pytest
 import torch
 
 import peft
-import transformers
 
 from minilora.inject import adapter_layers, inject, merge, set_adapter, trainable_report, unmerge
 from minilora.io import load_adapter, save_adapter
 from minilora.methods.lora import LoraConfig
 
-from adapters import MLP, randomize_adapters, rel_fro, tiny_decoder, tiny_llama
+from adapters import (MLP, adapter_grads, copy_into_peft, randomize_adapters, rel, rel_fro, run, tiny_decoder,
+                      tiny_gpt2, tiny_llama, to_dtype)
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-5  # float32, relative to the tensor's scale (see the module docstring)
-
-
-def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
-                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,41 +36,10 @@ CASES = {  # the base, its targets, an input
 DORA_CASES = list(CASES)
 
 
-def run(model, x, **kw):
-    out = model(x, **kw) if x.is_floating_point() else model(input_ids=x, **kw)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def to_dtype(x, dtype):
-    return x.to(dtype) if x.is_floating_point() else x
-
-
-def lora_grads(ours, theirs, x):
-    """Gradients of every adapter tensor (A, B, m) in both models after the same loss, (ours, peft's) by name."""
-    for model in (ours, theirs):
-        model.zero_grad(set_to_none=True)
-        run(model, x).pow(2).mean().backward()
-    peft_params = dict(theirs.named_parameters())
-    return {k: (p.grad, peft_params["base_model.model." + k].grad) for k, p in ours.named_parameters() if ".lora_" in k}
-
-
 def peft_config(cfg: LoraConfig, case: str):
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                            use_rslora=cfg.use_rslora, init_lora_weights={"default": True, "pissa": "pissa"}[cfg.init],
                            fan_in_fan_out=case == "gpt2", use_dora=cfg.use_dora)
-
-
-def copy_into_peft(ours, theirs):
-    """Our adapter tensors into the peft model: the state_dict keys are peft's once "base_model.model." is added
-    (DoRA's m included: lora_magnitude_vector.<name>.weight in both)."""
-    sd = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
-    missing = theirs.load_state_dict({"base_model.model." + k: v for k, v in sd.items()}, strict=False)
-    assert not missing.unexpected_keys
-    assert not [k for k in missing.missing_keys if ".lora_" in k]
 
 
 def dora_pair(case, name="default", **kw):
@@ -89,7 +52,7 @@ def dora_pair(case, name="default", **kw):
     ours = inject(copy.deepcopy(base), cfg, name)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg, case), adapter_name=name)
     randomize(ours, name)
-    copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs)  # DoRA's m too: lora_magnitude_vector.<name>.weight in both
     return base, ours, theirs, cfg, make_x()
 
 
@@ -104,7 +67,7 @@ def randomize(model, name="default", seed=0):
 
 
 def assert_grads_match(ours, theirs, x, tol):
-    grads = lora_grads(ours, theirs, x)
+    grads = adapter_grads(ours, theirs, x)
     assert any("lora_magnitude_vector" in k for k in grads)
     for k, (got, want) in grads.items():
         assert got is not None and want is not None and rel(got, want) <= tol, (k, rel(got, want))

@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import transformers
 
 import peft
 
@@ -21,17 +20,12 @@ import minilora as ml
 from minilora.inject import adapter_layers
 from minilora.methods.ia3 import IA3Config, IA3Layer
 
-from adapters import MLP, max_rel_err, rel_fro, tiny_decoder, tiny_llama
+from adapters import MLP, adapter_grads, copy_into_peft, max_rel_err, rel_fro, run, tiny_decoder, tiny_gpt2, tiny_llama
 
 warnings.filterwarnings("ignore", category=UserWarning)  # peft warns on every unmerge that it may be inaccurate
 TOL = 1e-5  # float32, relative to the tensor's scale: rounding of different summation orders, with margin
 LLAMA = (["k_proj", "v_proj", "down_proj"], ["down_proj"])  # peft's IA3 defaults for Llama
-
-
-def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+IA3 = ".ia3_l."  # in the name of every IA³ vector, ours and peft's
 
 
 CASES = {  # base model, (target_modules, feedforward_modules), input
@@ -42,11 +36,6 @@ CASES = {  # base model, (target_modules, feedforward_modules), input
 }
 
 
-def run(model, x, **kw):
-    out = model(x, **kw) if x.is_floating_point() else model(input_ids=x, **kw)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def randomize(model, name="default", seed=0):
     """ia3_l uniform in [0.5, 1.5]: ones would hide mistakes, and no entry near zero makes unmerge ill-posed."""
     g = torch.Generator().manual_seed(seed)
@@ -54,13 +43,6 @@ def randomize(model, name="default", seed=0):
         for layer in adapter_layers(model).values():
             if name in layer.ia3_l:
                 layer.ia3_l[name].copy_(torch.rand(layer.ia3_l[name].shape, generator=g) + 0.5)
-
-
-def copy_into_peft(ours, theirs):
-    """Our vectors into the peft model: the same keys once peft's "base_model.model." prefix is added."""
-    sd = {k: v for k, v in ours.state_dict().items() if ".ia3_l." in k}
-    result = theirs.load_state_dict({"base_model.model." + k: v for k, v in sd.items()}, strict=False)
-    assert sd and not result.unexpected_keys and not [k for k in result.missing_keys if ".ia3_l" in k]
 
 
 def peft_config(cfg: IA3Config):
@@ -76,15 +58,6 @@ def pair(case, name="default", **kw):
     ours = ml.inject(copy.deepcopy(base), cfg, name)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg), adapter_name=name)
     return base, ours, theirs, cfg, make_x()
-
-
-def ia3_grads(ours, theirs, x):
-    """Gradients of every ia3_l in both models after the same loss, as (ours, peft's) pairs by name."""
-    for model in (ours, theirs):
-        model.zero_grad(set_to_none=True)
-        run(model, x).pow(2).mean().backward()
-    peft_params = dict(theirs.named_parameters())
-    return {k: (p.grad, peft_params["base_model.model." + k].grad) for k, p in ours.named_parameters() if ".ia3_l." in k}
 
 
 def base_weights(model, prefix=""):
@@ -107,16 +80,16 @@ def test_same_layers_shapes_and_feedforward_flags_as_peft(case):
 def test_outputs_grads_merged_and_unmerged_weights_match_peft(case):
     base, ours, theirs, cfg, x = pair(case)
     randomize(ours)
-    copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs, IA3)
     ours.eval(), theirs.eval()
     assert torch.equal(run(ours, x), run(theirs, x))  # the same elementwise products and casts around each matmul
 
-    for k, (got, want) in ia3_grads(ours, theirs, x).items():
+    for k, (got, want) in adapter_grads(ours, theirs, x, IA3).items():
         assert got is not None and max_rel_err(got, want) <= TOL, k
     ours64, theirs64 = copy.deepcopy(ours).double(), copy.deepcopy(theirs).double()
     x64 = x.double() if x.is_floating_point() else x
     assert max_rel_err(run(ours64, x64), run(theirs64, x64)) <= 1e-12
-    for k, (got, want) in ia3_grads(ours64, theirs64, x64).items():
+    for k, (got, want) in adapter_grads(ours64, theirs64, x64, IA3).items():
         assert max_rel_err(got, want) <= 1e-10, k
 
     before = base_weights(ours)
@@ -145,12 +118,12 @@ def test_several_adapters_multiply_as_in_peft(case):
     theirs.add_adapter("second", peft_config(cfg))
     randomize(ours, "first", seed=1)
     randomize(ours, "second", seed=2)
-    copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs, IA3)
     ours.eval(), theirs.eval()
     ml.set_adapter(ours, ["second", "first"])
     theirs.base_model.set_adapter(["second", "first"])
     assert torch.equal(run(ours, x), run(theirs, x))  # the same product, in the same order
-    for k, (got, want) in ia3_grads(ours, theirs, x).items():
+    for k, (got, want) in adapter_grads(ours, theirs, x, IA3).items():
         assert got is not None and want is not None and max_rel_err(got, want) <= TOL, k
     with torch.no_grad():
         ml.merge(ours)
@@ -182,7 +155,7 @@ def test_half_base_equals_peft_bit_for_bit(case, dtype):
     """Both keep fp32 vectors on a half-precision base and cast at the same places: equal outputs and merges."""
     base, ours, theirs, cfg, x = pair(case)
     randomize(ours)
-    copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs, IA3)
     for model in (ours, theirs):
         for name, p in model.named_parameters():
             if ".ia3_l." not in name:
@@ -222,7 +195,7 @@ def test_file_round_trips_with_peft(case, tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     assert torch.equal(run(loaded, x), expected)
 
-    copy_into_peft(ours, theirs)  # and we load peft's file
+    copy_into_peft(ours, theirs, IA3)  # and we load peft's file
     theirs.save_pretrained(tmp_path / "peft")
     mine = ml.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
     assert torch.equal(run(mine, x), expected)

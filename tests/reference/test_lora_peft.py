@@ -14,23 +14,17 @@ import pytest
 import torch
 
 import peft
-import transformers
 
 from minilora.inject import add_weighted_adapter, inject, adapter_layers, merge, set_adapter
 from minilora.io import load_adapter, adapter_state_dict, save_adapter
 from minilora.methods.lora import LoraConfig
 from minilora.models import Seq2SeqLM, get_config
 
-from adapters import MLP, randomize_adapters, rel_fro, tiny_decoder, tiny_llama
+from adapters import (MLP, adapter_grads, copy_into_peft, randomize_adapters, rel, rel_fro, run, tiny_decoder,
+                      tiny_gpt2, tiny_llama, to_dtype)
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-5  # float32, relative to the tensor's scale: rounding of different summation orders, with margin
-
-
-def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_seq2seq():
@@ -56,36 +50,9 @@ CASES = {
 }
 
 
-def run(model, x, **kw):
-    if isinstance(x, dict):
-        return model(**x, **kw).logits
-    out = model(x, **kw) if not isinstance(x, torch.Tensor) or x.is_floating_point() else model(input_ids=x, **kw)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def example(x, i):
     """Row i of a batch (a tensor, or a dict of tensors for the encoder-decoder), keeping the batch dim."""
     return {k: v[i:i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i:i + 1]
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def to_dtype(x, dtype):
-    """A float input (or a dict of them) in `dtype`; token ids stay as they are."""
-    if isinstance(x, dict):
-        return {k: to_dtype(v, dtype) for k, v in x.items()}
-    return x.to(dtype) if x.is_floating_point() else x
-
-
-def lora_grads(ours, theirs, x):
-    """Gradients of every LoRA tensor in both models after the same loss, as (ours, peft's) pairs by name."""
-    for model in (ours, theirs):
-        model.zero_grad(set_to_none=True)
-        run(model, x).pow(2).mean().backward()
-    peft_params = dict(theirs.named_parameters())
-    return {k: (p.grad, peft_params["base_model.model." + k].grad) for k, p in ours.named_parameters() if ".lora_" in k}
 
 
 def peft_config(cfg: LoraConfig, fan_in_fan_out=False):
@@ -93,14 +60,6 @@ def peft_config(cfg: LoraConfig, fan_in_fan_out=False):
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                            use_rslora=cfg.use_rslora, init_lora_weights=init, lora_bias=cfg.lora_bias,
                            fan_in_fan_out=fan_in_fan_out)
-
-
-def copy_into_peft(ours, theirs):
-    """Our adapter tensors into the peft model: same keys once peft's "base_model.model." prefix is added."""
-    sd = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
-    missing = theirs.load_state_dict({"base_model.model." + k: v for k, v in sd.items()}, strict=False)
-    assert not missing.unexpected_keys
-    assert not [k for k in missing.missing_keys if ".lora_" in k]
 
 
 def pair(case, cfg, name="default"):
@@ -125,10 +84,10 @@ def test_matches_peft_outputs_grads_and_merged_weights(case, variant):
     ours.eval(), theirs.eval()
     assert rel(run(ours, x), run(theirs, x)) <= TOL
 
-    for k, (got, want) in lora_grads(ours, theirs, x).items():
+    for k, (got, want) in adapter_grads(ours, theirs, x).items():
         assert got is not None and rel(got, want) <= TOL, k
     ours64, theirs64 = copy.deepcopy(ours).double(), copy.deepcopy(theirs).double()
-    for k, (got, want) in lora_grads(ours64, theirs64, to_dtype(x, torch.float64)).items():
+    for k, (got, want) in adapter_grads(ours64, theirs64, to_dtype(x, torch.float64)).items():
         assert rel(got, want) <= 1e-10, k
 
     if variant == "lora_bias" and case in ("decoder", "llama", "seq2seq"):
@@ -155,11 +114,11 @@ def test_several_adapters_and_mixed_batch_match_peft(case):
     set_adapter(ours, ["first", "second"])
     theirs.base_model.set_adapter(["first", "second"])
     assert rel(run(ours, x), run(theirs, x)) <= TOL
-    grads = lora_grads(ours, theirs, x)  # both adapters train, and get peft's gradients
+    grads = adapter_grads(ours, theirs, x)  # both adapters train, and get peft's gradients
     assert {k.rsplit(".", 2)[-2] for k in grads} == {"first", "second"}
     for k, (got, want) in grads.items():
         assert got is not None and want is not None and rel(got, want) <= TOL, k
-    for k, (got, want) in lora_grads(copy.deepcopy(ours).double(), copy.deepcopy(theirs).double(),
+    for k, (got, want) in adapter_grads(copy.deepcopy(ours).double(), copy.deepcopy(theirs).double(),
                                      to_dtype(x, torch.float64)).items():
         assert rel(got, want) <= 1e-10, k
 
@@ -345,9 +304,9 @@ def test_half_base_fused_node_is_as_accurate_as_peft(case, dtype):
     out, ref, truth = run(ours, x), run(theirs, x), run(exact, to_dtype(x, torch.float64))
     assert out.dtype == dtype
     assert rel_fro(out, truth) <= 2 * rel_fro(ref, truth)
-    exact_grads = lora_grads(exact, copy.deepcopy(theirs).double(), to_dtype(x, torch.float64))
+    exact_grads = adapter_grads(exact, copy.deepcopy(theirs).double(), to_dtype(x, torch.float64))
     errors = {k: (rel_fro(got, exact_grads[k][0]), rel_fro(want, exact_grads[k][0]))
-              for k, (got, want) in lora_grads(ours, theirs, x).items()}
+              for k, (got, want) in adapter_grads(ours, theirs, x).items()}
     assert all(ours.get_parameter(k).grad.dtype == torch.float32 for k in errors)
     # per tensor the two errors scatter (either can be 3x the other); the worst tensor is the fair measure
     worst_ours, worst_peft = max(e[0] for e in errors.values()), max(e[1] for e in errors.values())
