@@ -57,7 +57,7 @@ class AdaLoraConfig:
     deltaT: int = 1  # mask every deltaT steps while the budget falls
     beta1: float = 0.85  # EMA of the sensitivity |θ ∇θ| (eq. 9)
     beta2: float = 0.85  # EMA of its uncertainty (eq. 10)
-    orth_reg_weight: float = 0.5  # γ of eq. 5: weight of the orthogonality regulariser
+    orth_reg_weight: float = 0.5  # γ: the regulariser's weight in the training objective (section 3.2)
     total_step: int | None = None  # steps of the whole run: required, the schedule is laid out over it
     alpha: float = 8.0  # peft's lora_alpha: the update is scaled by alpha / init_r
     dropout: float = 0.0  # dropout on the input of Q

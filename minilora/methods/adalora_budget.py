@@ -1,12 +1,12 @@
 """AdaLoRA's rank allocation: importance scores, the cubic budget and the masking of singular values
 (Zhang et al. 2023, section 3.2-3.3, eq. 7-12; Algorithm 1). The layer it acts on is in adalora.py.
 
-Importance of one trainable entry θ at step t (eq. 8-10): the sensitivity I = |θ ∇θ| (a first-order estimate
+Importance of one trainable entry θ at step t (eq. 8-11): the sensitivity I = |θ ∇θ| (a first-order estimate
 of how much the loss changes if θ is zeroed), smoothed and paired with its uncertainty,
 
     Ī_t = β1 Ī_{t-1} + (1 − β1) I_t          Ū_t = β2 Ū_{t-1} + (1 − β2) |I_t − Ī_t|          s_t = Ī_t Ū_t
 
-and of the i-th singular triplet (P_{:,i}, λ_i, Q_{i,:}) of a layer (eq. 11): s(λ_i) + mean_k s(P_ki) + mean_j s(Q_ij).
+and of the i-th singular triplet (P_{:,i}, λ_i, Q_{i,:}) of a layer (eq. 7): s(λ_i) + mean_k s(P_ki) + mean_j s(Q_ij).
 
 The budget b(t), the total number of triplets kept over all layers (eq. 12):
 
@@ -14,7 +14,9 @@ The budget b(t), the total number of triplets kept over all layers (eq. 12):
            b_T + (b0 − b_T) (1 − (t − tinit) / (T − tinit − tfinal))³    tinit < t <= T − tfinal
            b_T                                                   t > T − tfinal
 
-with b0 = init_r × (number of layers) and b_T = target_r × (number of layers). While the budget falls, every
+with b0 = init_r × (number of layers) and b_T = target_r × (number of layers). (Appendix A prints the
+numerator as t − tinit − tfinal; the authors' code and peft use t − tinit, which is what takes b from b0 at
+tinit to b_T at T − tfinal, and so do we.) While the budget falls, every
 deltaT steps the b0 − b(t) lowest-scoring triplets (over all layers together) get λ_i = 0; they stay in the
 model and can grow back until the next masking. At t = T − tfinal the final allocation is made and then held:
 every later step zeroes the same λ_i again. All of this follows peft 0.21's RankAllocator and
@@ -106,7 +108,7 @@ class RankAllocator:
                     self.sensitivity[key] - self.exp_avg[key]).abs()
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
-        """Eq. 11 per layer, (r,): s(λ_i) + mean over P's column i + mean over Q's row i."""
+        """Eq. 7 per layer, (r,): s(λ_i) + mean over P's column i + mean over Q's row i."""
         out = {}
         for lname in self.layer_names:
             s = {a: self.exp_avg[f"{lname}.{a}"] * self.uncertainty[f"{lname}.{a}"] for a in ("lora_A", "lora_B", "lora_E")}
