@@ -193,3 +193,41 @@ def test_only_registered_configs_are_accepted():
 
     with pytest.raises(TypeError, match="config must be one of LoraConfig, IA3Config"):
         inj.inject(MLP(4, 4), NotAMethod())
+
+
+class GatedShiftLayer(ShiftLayer):
+    """The toy method with an optional second tensor, listed first: only some adapters have a gate."""
+
+    adapter_tensors = ("gate", "shift")
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.gate = nn.ParameterDict()
+
+
+def test_adapter_state_holds_every_tensor_an_adapter_has_and_skips_those_it_lacks():
+    layer = GatedShiftLayer(nn.Linear(4, 3))
+    layer.add_adapter("plain", None)
+    layer.add_adapter("gated", None)
+    layer.gate["gated"] = nn.Parameter(torch.ones(3))
+    assert sorted(layer.adapters) == ["gated", "plain"]
+    assert set(layer.adapter_state("plain")) == {"shift"}  # no gate: that container is skipped, not the rest
+    assert layer.adapter_state("plain")["shift"] is layer.shift["plain"]
+    assert set(layer.adapter_state("gated")) == {"gate", "shift"}
+    assert layer.adapter_state("missing") == {}
+
+
+@pytest.mark.parametrize("storage", ["linear", "conv1d"])
+def test_a_new_base_weight_is_written_in_the_base_dtype_and_storage_order(storage):
+    """set_base_weight_out_in takes an (out, in) tensor in any dtype (PiSSA and QLoRA's merge pass float32 or
+    float64): the base keeps its own dtype and layout, the values rounded to it."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = (Conv1D(3, 4) if storage == "conv1d" else nn.Linear(4, 3)).to(torch.bfloat16)
+    layer = ShiftLayer(base)
+    new = torch.randn(3, 4, dtype=torch.float64)  # (out, in)
+    layer.set_base_weight_out_in(new)
+    assert base.weight.dtype == torch.bfloat16
+    assert base.weight.shape == ((4, 3) if storage == "conv1d" else (3, 4))
+    stored_out_in = base.weight.T if storage == "conv1d" else base.weight
+    assert torch.equal(stored_out_in, new.to(torch.bfloat16)) and torch.equal(layer.base_weight_out_in(), stored_out_in)

@@ -471,3 +471,110 @@ def test_merged_weights_outside_no_grad_keep_no_graph():
     layer.merged_weights("a")
     assert not layer.dora_merge_norm["a"].requires_grad
     copy.deepcopy(layer)
+
+
+def test_exactly_the_rows_whose_terms_dwarf_n_squared_are_recomputed(monkeypatch):
+    """The fallback's rule: row i is recomputed directly when T_i = (||W_i|| + s ||B_i A||)^2 exceeds
+    CANCELLATION n_i^2, with T_i / n_i^2 worked out here in float64 from W_i = -a_i s B_i A + w_i, w_i
+    orthogonal to B_i A. Rows at ratio ~1, ~34 (between CANCELLATION = 16 and 4 x 16: an error bound off by
+    a factor on either term of T_i would misplace it) and ~10^6; none near 16."""
+    W, A, B = factors(6, 32, 4, torch.float64, b_std=3.0)
+    s = 2.0
+    u = s * B @ A  # rows s B_i A, each of norm ~10: s ||B_i A|| dominates ||W_i|| in T_i
+    w = torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    w = w - ((w * u).sum(1, keepdim=True) / (u * u).sum(1, keepdim=True)) * u  # orthogonal to u_i
+    w = w / w.norm(dim=1, keepdim=True) * u.norm(dim=1, keepdim=True)  # ||w_i|| = ||u_i||
+    a = torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0, 0.3], dtype=torch.float64)
+    eps = torch.tensor([1.0, 1.0, 0.354, 0.354, 1e-3, 1.0], dtype=torch.float64)
+    W = -a[:, None] * u + eps[:, None] * w
+    n_sq = ((W + u) ** 2).sum(1)
+    T = (W.norm(dim=1) + u.norm(dim=1)) ** 2
+    ratio = T / n_sq
+    assert ((ratio - dora.CANCELLATION).abs() > 8).all() and (ratio > dora.CANCELLATION).tolist() == [
+        False, False, True, True, True, False]
+    recomputed = []
+    plain = dora.weight_norm_plain
+    monkeypatch.setattr(dora, "weight_norm_plain",
+                        lambda W_, A_, B_, s_: recomputed.append(B_.clone()) or plain(W_, A_, B_, s_))
+    norm = weight_norm(W, A, B, s)
+    assert len(recomputed) == 1 and torch.equal(recomputed[0], B[[2, 3, 4]])
+    assert torch.allclose(norm, n_sq.sqrt(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("train, dropout, base_products", [(False, 0.0, 1), (True, 0.0, 1), (False, 0.3, 1),
+                                                           (True, 0.3, 2)])
+def test_equation_path_reuses_the_base_product_unless_dropout_is_active(train, dropout, base_products, monkeypatch):
+    """Without active dropout the update's W x is the base output minus its bias, never a second product with W;
+    with dropout peft's second product W x~ on the dropped input is needed (module docstring)."""
+    layer = dora_layer(dropout=dropout).train(train)
+    layer.fused = False
+    W = layer.base_layer.weight
+    calls = []  # one entry per F.linear call (nn.Linear's forward included): True for a product with W
+    linear = torch.nn.functional.linear
+    is_W = lambda w: w.data_ptr() == W.data_ptr() and w.shape == W.shape  # noqa: E731 (W.to(float64) is W)
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, *a: calls.append(is_W(w)) or linear(x, w, *a))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.manual_seed(3)
+    got = layer(x)
+    monkeypatch.undo()
+    assert sum(calls) == base_products
+    if not (train and dropout):
+        assert torch.allclose(got, layer_by_hand(layer, "default", x), rtol=1e-12, atol=1e-12)
+
+
+def test_training_dropout_on_a_bfloat16_base_with_fp32_adapters():
+    """The equation path on a half-precision base: the dropped input in the adapters' fp32 meets W cast to
+    fp32, and the output comes back in bf16. Expected: peft's equation in float64 on the same bf16 numbers;
+    the base output and the result are each rounded to bf16 once (unit roundoff 2^-8 relative), 3 x 2^-8 of
+    the output's norm leaves room for both, far below a term left out (~0.1 to 1 of it)."""
+    layer = dora_layer(dtype=torch.float32, dropout=0.5)
+    layer.base_layer.to(torch.bfloat16)
+    layer.train()
+    x = torch.randn(4, 16).bfloat16()
+    torch.manual_seed(3)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.manual_seed(3)
+    xd = layer.lora_dropout["default"](x.float()).double()
+    W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    m = layer.lora_magnitude_vector["default"].weight.double()
+    scale = m / weight_norm_plain(W, A, B, 2.0)
+    x64 = x.double()
+    want = x64 @ W.T + b + (scale - 1) * (xd @ W.T) + scale * 2.0 * (xd @ A.T @ B.T)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err <= 3 * 2.0 ** -8, err
+
+
+def test_conv1d_storage_with_a_merged_adapter_normalises_by_the_unmerged_base():
+    """GPT-2's Conv1D (weight stored (in, out), non-square): with LoRA adapter "a" merged, the pending DoRA
+    adapter's norm, its forward and its merge use W0 = the stored weight without "a", transposed to (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(12, 16).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    W0, b = conv.weight.detach().T.clone(), conv.bias.detach().clone()  # (out, in)
+    layer = LoraLayer(conv)
+    layer.add_adapter("a", LoraConfig(r=2, alpha=4, target_modules=["x"]))
+    layer.add_adapter("dora", LoraConfig(r=4, alpha=8, target_modules=["x"], use_dora=True))
+    with torch.no_grad():
+        for p in (layer.lora_B["a"].weight, layer.lora_B["dora"].weight):
+            p.normal_(0, 0.3)
+        layer.lora_magnitude_vector["dora"].weight.mul_(1 + 0.3 * torch.rand(12, dtype=torch.float64))
+    layer.active_adapters = ["a", "dora"]
+    layer.eval()
+    delta_a = 2.0 * layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+    A, B, m = layer.lora_A["dora"].weight, layer.lora_B["dora"].weight, layer.lora_magnitude_vector["dora"].weight
+    n = row_norms_by_hand(W0, A, B, 2.0)  # of W0, not of W0 + Delta W_a
+    x = torch.randn(3, 16, dtype=torch.float64)
+    # the output so far is (W0 + Delta W_a) x + b; DoRA adds (m/n - 1) times it minus b, plus (m/n) s B A x
+    want = ((m / n) * (x @ (W0 + delta_a).T + 2.0 * x @ A.T @ B.T) + b).detach()
+    layer.merge(["a"])
+    assert torch.allclose(dora.layer_norm(layer, "dora"), n, rtol=1e-12, atol=0)
+    assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+    layer.merge(["dora"])
+    assert torch.allclose(conv(x), want, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    assert torch.allclose(conv.weight.T, W0, rtol=0, atol=1e-13)

@@ -97,7 +97,7 @@ def test_from_peft_dict_rejects_other_methods_and_unimplemented_fields(change, f
 
 @pytest.mark.parametrize("module, fix", [
     (nn.Embedding(10, 4), "is a Embedding; IA3 wraps nn.Linear and GPT-2 Conv1D only: narrow target_modules"),
-    (Linear4bit(torch.randn(8, 64)), "dequantize_model\\(model\\) first, or use LoRA"),
+    (Linear4bit(torch.randn(8, 64)), "Conv1D only: call dequantize_model\\(model\\) first, or use LoRA"),
 ])
 def test_check_target_rejects_what_it_cannot_wrap(module, fix):
     with pytest.raises(ValueError, match=fix):
@@ -114,12 +114,22 @@ def test_check_target_rejects_a_feedforward_module_that_is_not_a_target():
 def test_a_second_adapter_must_scale_the_same_side():
     layer = make_layer(feedforward=False)
     other = config(target_modules=["k"], feedforward_modules=["k"])
-    with pytest.raises(ValueError, match="already scales its output .*feedforward_modules list it in all"):
+    with pytest.raises(ValueError, match="layer 'attn.k' already scales its output .*list it in all"):
         IA3Layer.check_target("attn.k", layer, other)
-    with pytest.raises(ValueError, match="already scales its output"):
+    with pytest.raises(ValueError, match="layer 'attn.k' already scales its output for adapters \\['default'\\]"):
         layer.add_adapter("second", other, "attn.k")
     assert layer.adapters == ["default"]
     layer.add_adapter("second", config(), "attn.k")  # agrees: fine
+
+
+def test_a_feedforward_layer_refuses_an_output_vector_naming_its_input_side():
+    layer = make_layer(feedforward=True)  # added as "mlp.ff", a feed-forward module of config()
+    output_only = config(feedforward_modules=None)
+    with pytest.raises(ValueError, match=r"layer 'mlp.ff' already scales its input \(feed-forward\) for adapters"):
+        IA3Layer.check_target("mlp.ff", layer, output_only)
+    with pytest.raises(ValueError, match=r"layer 'mlp.ff' already scales its input \(feed-forward\) for adapters"):
+        layer.add_adapter("second", output_only, "mlp.ff")
+    assert layer.adapters == ["default"] and layer.is_feedforward
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -143,6 +153,13 @@ def test_outputs_unchanged_at_init(feedforward):
     layer.active_adapters = ["default"]
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), base(x))
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_vectors_are_created_on_the_base_layer_device(init):
+    layer = IA3Layer(nn.Linear(16, 12, device="meta"))  # a device other than the default, without a GPU
+    layer.add_adapter("default", config(init_ia3_weights=init), "attn.k")
+    assert layer.ia3_l["default"].device.type == "meta"
 
 
 def test_init_ia3_weights_false_draws_a_standard_normal_like_peft():
@@ -186,6 +203,72 @@ def test_several_active_adapters_multiply(feedforward):
     assert rel_fro(layer(x), equation(layer, x, ["a", "b", "c"])) <= F64
     layer.active_adapters = ["b", "missing"]  # an adapter this layer does not hold is no factor
     assert rel_fro(layer(x), equation(layer, x, ["b"])) <= F64
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward takes more arguments: the IA3 layer must pass them on."""
+
+    def forward(self, x, scale=1.0, *, shift=0.0):
+        return super().forward(x) * scale + shift
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("path", ["equation", "mixed_batch", "mixed_batch_of_base_examples"])
+def test_extra_forward_arguments_reach_the_base_layer(feedforward, path):
+    """base(x) = 3 (W x + b) + 0.5, called as layer(x, 3.0, shift=0.5): y = l ⊙ base(x), or base(l ⊙ x)."""
+    layer = IA3Layer(ScaledLinear(16, 12, dtype=torch.float64))
+    layer.add_adapter("default", config(), "mlp.ff" if feedforward else "attn.k")
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        layer.ia3_l["default"].uniform_(0.5, 1.5)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    l = layer.ia3_l["default"].detach().flatten()
+    base = 3.0 * (x @ W.T + b) + 0.5
+    scaled = 3.0 * ((x * l) @ W.T + b) + 0.5 if feedforward else base * l
+    expected = scaled
+    if path == "mixed_batch":  # one adapter and base examples
+        layer.batch_adapter_names = ["default", "__base__", "default"]
+        expected = torch.stack([scaled[0], base[1], scaled[2]])
+    elif path == "mixed_batch_of_base_examples":
+        layer.batch_adapter_names, expected = ["__base__"] * 3, base
+    assert rel_fro(layer(x, 3.0, shift=0.5), expected) <= F64
+
+
+def test_mixed_batch_of_one_adapter_and_base_examples():
+    layer = make_layer(names=("a", "b"))  # the layer holds two adapters; the batch uses one
+    x = torch.randn(3, 16, dtype=torch.float64)
+    mixed = layer.mixed_batch_forward(x, ["__base__", "b", "__base__"])
+    want = torch.stack([equation(layer, x[0], []), equation(layer, x[1], ["b"]), equation(layer, x[2], [])])
+    assert rel_fro(mixed, want) <= F64
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_feedforward_input_is_multiplied_in_the_vectors_dtype(mixed):
+    """peft's cast: x goes to the vectors' dtype before l ⊙ x, the product back to x's dtype. With bf16 vectors
+    on a float32 base, x and l ⊙ x are rounded to bf16 (the product of two bf16 numbers is exact in float64,
+    so rounding it once reproduces bf16's multiply); the float32 base product after that differs by float32
+    rounding only, while a product left in float32 would differ by bf16's 2^-9 (~2e-3)."""
+    layer = make_layer(feedforward=True, names=("a", "b"), dtype=torch.float32)
+    layer.ia3_l.to(torch.bfloat16)  # vectors in lower precision than the base and the input
+    x = torch.randn(2, 5, 16)
+    names = ["a", "b"]
+    if mixed:
+        layer.batch_adapter_names = names
+        got = layer(x)
+    else:  # each example through its adapter alone
+        outs = []
+        for i, n in enumerate(names):
+            layer.active_adapters = [n]
+            outs.append(layer(x[i]))
+        got = torch.stack(outs)
+    W, b = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+    want = []
+    for i, n in enumerate(names):
+        l = layer.ia3_l[n].detach().double().flatten()
+        product = (x[i].to(torch.bfloat16).double() * l).to(torch.bfloat16).double()
+        want.append(product @ W.T + b)
+    assert_close_fp32(got, torch.stack(want))
 
 
 def test_disabled_or_nothing_active_is_the_base_layer():
@@ -259,6 +342,24 @@ def test_safe_merge_refuses_nan_and_leaves_weights_untouched():
     before = layer.base_layer.state_dict()
     with torch.no_grad():
         layer.ia3_l["default"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="gives NaN/Inf weights; the base was left untouched"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged_adapters
+    assert all(torch.equal(v, layer.base_layer.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("overflowing", ["weight", "bias"])
+def test_safe_merge_refuses_a_product_that_overflows_a_float16_base(overflowing):
+    """l ⊙ W is finite in the vectors' fp32 but 1e5 > 65504, float16's largest number: the check must see the
+    weights as the base would store them."""
+    layer = make_layer(dtype=torch.float16)
+    with torch.no_grad():
+        layer.base_layer.weight[0] = 1.0 if overflowing == "weight" else 1e-3
+        layer.base_layer.bias[0] = 1.0 if overflowing == "bias" else 0.0
+        layer.ia3_l["default"][0, 0] = 1e5
+    weight, bias = layer.merged_weights("default")
+    assert weight.dtype == bias.dtype == torch.float16  # in the base's dtypes
+    before = copy.deepcopy(layer.base_layer.state_dict())
     with pytest.raises(ValueError, match="gives NaN/Inf weights; the base was left untouched"):
         layer.merge(safe_merge=True)
     assert not layer.merged_adapters
