@@ -3,7 +3,7 @@ the cubic budget, importance scores and masking against the paper's recurrences 
 phase, pruning, files (truncated to the kept ranks, rank_pattern restored), and the training-loop hooks.
 
 Expected values are the equations written out in float64 (h = W x + b + alpha / (r_0 + 1e-5) · P diag(λ) Q x,
-eq. 8-12 of Zhang et al. 2023), never the functions under test."""
+eq. 7-12 of Zhang et al. 2023), never the functions under test."""
 
 import copy
 import json
@@ -60,6 +60,17 @@ def mlp(dtype=torch.float64, **kw):
     ({"deltaT": 0}, "deltaT must be"),
     ({"rank_pattern": {"lin0.lora_E": [True] * 6}}, "Set init_r=6"),
     ({"rank_pattern": {"lin0.lora_E": [1, 0, 1, 1]}}, "list of booleans"),
+    ({"target_modules": []}, "target_modules must be a non-empty list"),
+    ({"exclude_modules": ["lin0", 3]}, "exclude_modules must be a non-empty list"),
+    ({"init_r": True, "target_r": 1}, "init_r must be an integer"),  # a bool is an int to Python, not a rank
+    ({"target_r": 2.0}, "target_r must be an integer"),
+    ({"deltaT": 1.5}, "deltaT must be an integer"),
+    ({"total_step": True}, "total_step is required"),
+    ({"total_step": 20.0}, "total_step is required"),
+    ({"alpha": "8"}, "alpha must be > 0"),
+    ({"alpha": 0}, "alpha must be > 0"),
+    ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+    ({"dropout": -0.1}, "dropout must be in [0, 1)"),
 ])
 def test_bad_configs_name_the_fix(kw, phrase):
     with pytest.raises(ValueError, match=phrase.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -76,6 +87,42 @@ def test_peft_defaults_and_dict_round_trip():
     assert AdaLoraConfig.from_peft_dict(json.loads(json.dumps(d))) == c
     with pytest.raises(ValueError, match="use_dora"):
         AdaLoraConfig.from_peft_dict({**d, "use_dora": True})
+
+
+def test_the_edges_of_every_range_are_accepted():
+    """The smallest run (one step, no warm-up or final phase), no rank removed, no smoothing, no regulariser,
+    alpha below one: each is a valid config, so none may be refused."""
+    c = AdaLoraConfig(target_modules=["q"], total_step=1, init_r=4, target_r=4, beta1=0.0, beta2=0.0,
+                      orth_reg_weight=0.0, alpha=0.5, dropout=0.0)
+    assert (c.total_step, c.target_r, c.beta1, c.beta2, c.orth_reg_weight, c.alpha) == (1, 4, 0.0, 0.0, 0.0, 0.5)
+    assert config(tinit=0, tfinal=19).tfinal == 19  # tinit + tfinal = total_step - 1: one step of falling budget
+
+
+def test_target_and_exclude_lists_are_normalised_and_kept():
+    c = config(target_modules=("lin1", "lin0"), exclude_modules={"lin1", "lin0.x"})
+    assert c.target_modules == ["lin1", "lin0"] and c.exclude_modules == ["lin0.x", "lin1"]  # a set sorted
+    model = ml.inject(MLP(12, 16, 10), config(target_modules=r"lin\d", exclude_modules=["lin1"]))
+    assert isinstance(model.lin0, AdaLoraLayer) and type(model.lin1) is nn.Linear
+
+
+def test_every_field_survives_the_peft_dict_and_alpha_is_written_as_peft_writes_it():
+    c = config(exclude_modules=["lin1"], fan_in_fan_out=True, alpha=2.5, dropout=0.2, deltaT=3, beta1=0.5,
+               beta2=0.6, orth_reg_weight=0.1, rank_pattern={"lin0.lora_E": [True, False, True, True]})
+    d = json.loads(json.dumps(c.to_peft_dict()))
+    assert (d["exclude_modules"], d["fan_in_fan_out"], d["lora_alpha"], d["lora_dropout"]) == (["lin1"], True, 2.5, 0.2)
+    assert AdaLoraConfig.from_peft_dict(d) == c
+    # peft's lora_alpha is an int: a whole-number alpha is written 8, not 8.0 (json keeps the difference)
+    written = config().to_peft_dict()["lora_alpha"]
+    assert type(written) is int and written == 8
+    # peft ignores r for AdaLoRA (init_r is the rank): any r loads
+    assert AdaLoraConfig.from_peft_dict({**d, "r": 4}) == c
+
+
+def test_a_minimal_peft_dict_takes_peft_defaults():
+    d = {"peft_type": "ADALORA", "target_modules": ["q_proj"], "total_step": 10}
+    assert AdaLoraConfig.from_peft_dict(d) == AdaLoraConfig(target_modules=["q_proj"], total_step=10)
+    c = AdaLoraConfig.from_peft_dict(d)
+    assert (c.alpha, c.dropout, c.fan_in_fan_out, c.exclude_modules) == (8, 0.0, False, None)  # peft 0.21's
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -136,9 +183,91 @@ def test_half_precision_base_keeps_fp32_adapters_and_its_output_dtype():
     assert max_rel_err(y, equation(layer, x)) <= 2 ** -7  # one bf16 rounding of the output (8 bits)
 
 
+def test_dropout_in_train_mode_masks_the_input_of_Q_only():
+    """h = W x + b + alpha / (r_0 + 1e-5) · P diag(λ) Q x~, x~ = dropout(x) with the inverted scale 1 / (1 - p);
+    the same mask from the same seed. In eval mode, no dropout."""
+    layer = AdaLoraLayer(nn.Linear(12, 10).double())
+    layer.add_adapter("default", config(dropout=0.4), "lin0")
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        layer.lora_E["default"].normal_()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    torch.manual_seed(3)
+    got = layer.train()(x)
+    torch.manual_seed(3)
+    xd = torch.nn.functional.dropout(x, 0.4, training=True)
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    P, lam, Q = (layer.lora_B["default"].detach(), layer.lora_E["default"].detach().flatten(),
+                 layer.lora_A["default"].detach())
+    scale = 8.0 / (4 + 1e-5)
+    want = x @ W.T + b + scale * ((xd @ Q.T) * lam) @ P.T
+    assert max_rel_err(got, want) <= F64
+    assert max_rel_err(layer.eval()(x), equation(layer, x)) <= F64
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward takes more arguments: the AdaLoRA layer must pass them on."""
+
+    def forward(self, x, scale=1.0, *, shift=0.0):
+        return super().forward(x) * scale + shift
+
+
+def test_extra_forward_arguments_reach_the_base_layer():
+    layer = AdaLoraLayer(ScaledLinear(12, 10).double())
+    layer.add_adapter("default", config(), "lin0")
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        layer.lora_E["default"].normal_()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    update = equation(layer, x) - (x @ W.T + b)  # alpha / (r_0 + 1e-5) · P Λ Q x, outside the base's scale
+    want = 3.0 * (x @ W.T + b) + 0.5 + update
+    assert max_rel_err(layer(x, 3.0, shift=0.5), want) <= F64
+
+
+def test_safe_merge_refuses_what_overflows_a_float16_base():
+    """W + Delta W is formed in fp32 and stored in the base's fp16, whose largest number is 65504: an update
+    of 1e5 would merge as inf, so safe_merge must check the weight as the base would hold it."""
+    layer = AdaLoraLayer(nn.Linear(12, 10).half())
+    layer.add_adapter("default", config(), "lin0")
+    layer.active_adapters = ["default"]
+    with torch.no_grad():
+        layer.lora_A["default"].fill_(1.0), layer.lora_B["default"].fill_(1.0), layer.lora_E["default"].fill_(1e5)
+    assert layer.merged_weights("default")[0].dtype == torch.float16
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="gives NaN/Inf weights; the base was left untouched"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged_adapters and torch.equal(layer.base_layer.weight, before)
+
+
+def test_adapters_are_created_on_the_base_layer_device():
+    """A device other than the default without a GPU: meta. The divisor and the regulariser's identity too."""
+    model = ml.inject(MLP(12, 16, 10).to("meta"), config())
+    layer = model.lin0
+    assert {t[n].device.type for t in (layer.lora_A, layer.lora_B, layer.lora_E) for n in t} == {"meta"}
+    assert layer.divisor("default").device.type == "meta"
+    assert ml.orthogonal_penalty(model).device.type == "meta"
+
+
+def test_gpt2_conv1d_layers_a_second_adapter_and_init_r_up_to_min_in_out_are_accepted():
+    from adapters import tiny_gpt2
+
+    model = ml.inject(tiny_gpt2(), AdaLoraConfig(target_modules=["c_attn", "c_proj"], init_r=4, target_r=2,
+                                                 total_step=10))
+    layer = model.transformer.h[0].attn.c_attn  # Conv1D, weight (32, 96)
+    assert isinstance(layer, AdaLoraLayer) and layer.fan_in_fan_out
+    assert layer.lora_A["default"].shape == (4, 32) and layer.lora_B["default"].shape == (96, 4)
+    ml.inject(model, AdaLoraConfig(target_modules=["c_attn"], init_r=2, target_r=1, total_step=10), "second")
+    assert layer.adapters == ["default", "second"]
+    square = ml.inject(MLP(12, 16, 10), config(init_r=10, target_r=2))  # lin1 is 16 -> 10: init_r = 10 fits
+    assert square.lin1.lora_E["default"].shape == (10, 1)
+
+
 def test_targets_it_cannot_wrap_are_refused():
     with pytest.raises(ValueError, match="init_r <= 10"):
         ml.inject(MLP(12, 16, 10), config(init_r=11, target_r=2))
+    with pytest.raises(ValueError, match="is a Embedding; AdaLoRA wraps nn.Linear and GPT-2 Conv1D only"):
+        AdaLoraLayer.check_target("emb", nn.Embedding(10, 12), config())
     model = ml.inject(MLP(12, 16, 10), ml.LoraConfig(target_modules=["lin0"]))
     with pytest.raises(ValueError, match="one layer holds one method"):
         ml.inject(model, config(target_modules=["lin0"]), "ada")
@@ -210,10 +339,25 @@ def test_scores_follow_the_sensitivity_and_uncertainty_recurrences():
                 unc = 0.6 * want_unc.get(key, 0) + 0.4 * (sens - avg).abs()  # eq. 10
                 want_avg[key], want_unc[key] = avg, unc
                 assert max_rel_err(alloc.exp_avg[key], avg) <= F64 and max_rel_err(alloc.uncertainty[key], unc) <= F64
-    for lname, got in alloc.triplet_scores().items():  # eq. 11, triplet by triplet
+    for lname, got in alloc.triplet_scores().items():  # eq. 7, triplet by triplet
         s = {a: want_avg[f"{lname}.{a}"] * want_unc[f"{lname}.{a}"] for a in ("lora_A", "lora_B", "lora_E")}
         want = [s["lora_E"][i, 0] + s["lora_A"][i].mean() + s["lora_B"][:, i].mean() for i in range(4)]
         assert max_rel_err(got, torch.stack(want)) <= F64
+
+
+def test_an_adapter_of_another_name_has_its_own_allocator_and_penalty():
+    torch.manual_seed(0)
+    model = ml.inject(MLP(12, 16, 10).double(), config(orth_reg_weight=0.3), "ada")
+    randomize(model)
+    alloc = ml.RankAllocator(model, "ada")
+    assert alloc.kept_ranks(model) == {"lin0": 4, "lin1": 4}  # before any masking: all init_r triplets
+    terms = []
+    for name in ("lin0", "lin1"):
+        layer = model.get_submodule(name)
+        Q, P = layer.lora_A["ada"].detach(), layer.lora_B["ada"].detach()
+        terms += [((G - torch.eye(4, dtype=torch.float64)) ** 2).sum().sqrt() for G in (Q @ Q.T, P.T @ P)]
+    want = 0.3 * sum(terms) / 4
+    assert abs(alloc.penalty(model).item() - want.item()) <= 1e-13 * want.item()
 
 
 def test_masking_zeroes_the_lowest_scoring_triplets_over_all_layers():
@@ -265,6 +409,15 @@ def test_schedule_masks_every_deltaT_then_holds_the_final_allocation():
     assert not alloc.exp_avg  # scores were reset at the final allocation
 
 
+def test_warm_up_masks_nothing_through_step_tinit():
+    """Eq. 12: b(t) = b0 for t <= tinit, and no masking there (peft's mask_ind is False); with deltaT = 1 the
+    first masking is at step tinit + 1."""
+    model = mlp(deltaT=1)
+    cfg = model.adapter_configs["default"]
+    _, _, patterns = train_with_allocator(model, cfg.tinit + 1)
+    assert patterns[:cfg.tinit] == [None] * cfg.tinit and patterns[cfg.tinit] is not None
+
+
 def test_allocator_errors_name_the_fix():
     with pytest.raises(ValueError, match="not an AdaLoRA adapter"):
         ml.RankAllocator(MLP(12, 16, 10))
@@ -301,6 +454,7 @@ def test_prune_shrinks_parameters_and_file_but_not_outputs(tmp_path):
     size_masked = os.path.getsize(tmp_path / "masked" / "adapter_model.safetensors")
     n_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ranks = ml.prune(model)
+    assert f"adapters={{'default': {ranks['lin0']}}}" in repr(model.lin0)  # the printed model shows kept ranks
     n_after = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert max_rel_err(model(x), before) <= F64
     assert ranks == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
