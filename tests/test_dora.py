@@ -578,3 +578,21 @@ def test_conv1d_storage_with_a_merged_adapter_normalises_by_the_unmerged_base():
     assert torch.allclose(conv(x), want, rtol=1e-12, atol=1e-12)
     layer.unmerge()
     assert torch.allclose(conv.weight.T, W0, rtol=0, atol=1e-13)
+
+
+def test_an_unbatched_input_keeps_the_base_layers_output_shape():
+    """x of shape (in,) gives (out,) on the equation path too, as nn.Linear and the fused node give it
+    (peft's DoRA returns (1, out) there)."""
+    import minilora as ml
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    model = ml.inject(nn.Sequential(base), ml.LoraConfig(r=2, target_modules=["0"], use_dora=True, dropout=0.1))
+    model.eval()
+    layer = model[0]
+    x = torch.randn(16)
+    with torch.no_grad():
+        fused = layer(x)
+        layer.fused = False
+        plain = layer(x)
+    assert fused.shape == plain.shape == base(x).shape == (12,)

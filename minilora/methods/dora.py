@@ -109,7 +109,7 @@ def dora_update(x, base_result, weight, A, B, scaling, magnitude, norm):
 
     `base_result` is W x without the bias (the base output minus its bias); None computes it from x, as peft
     does when x is the dropped input."""
-    mag_norm_scale = (magnitude / norm.detach()).view(1, -1)
+    mag_norm_scale = (magnitude / norm.detach()).view(-1)  # broadcasts over any leading dims; a 1-D x stays 1-D, as nn.Linear
     if base_result is None:
         base_result = F.linear(x, weight.to(x.dtype))
     lora_result = F.linear(F.linear(x, A), B)
