@@ -11,7 +11,7 @@ exact match is kept (a tie goes to the smaller rate); seeds 1 and 2 then run at 
 ends with three seeds at its chosen rate. The test split plays no part in the choice. Seed s sets the adapter's
 initialisation (torch.manual_seed before the base is loaded; IA³'s vectors start at ones and draw nothing) and
 the batch order (TrainConfig.seed). One torch thread, as in lessons 01 and 02. The rule and the rest of the
-shared machinery are in scripts/sweep_common.py (grid_then_seeds).
+shared machinery are in scripts/sweep_common.py (grid_entry).
 
 Configurations: IA³ on peft's default Llama targets (k_proj, v_proj, down_proj, with down_proj feed-forward) and
 on all seven linear layers (down_proj still the only feed-forward one); LoRA at r = 1 and r = 8 on q_proj, v_proj
@@ -57,9 +57,7 @@ def main():
     start = time.perf_counter()
 
     def run_config(name, spec):
-        trainable, lr, grid, runs = sweep.grid_then_seeds(
-            name, lambda lr, seed: run_one(spec, lr, seed, tok, rows, splits), LR_GRID)
-        return {**spec, "trainable": trainable, "lr": lr, "grid": grid, "runs": runs}
+        return sweep.grid_entry(name, spec, lambda lr, seed: run_one(spec, lr, seed, tok, rows, splits), LR_GRID)
 
     results = sweep.run_configs(CONFIGS, todo, old, run_config)
     out = {**sweep.header(), "lr_grid": list(LR_GRID), "lr_rule": sweep.GRID_LR_RULE, "metric": sweep.METRIC,

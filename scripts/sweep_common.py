@@ -14,9 +14,9 @@ configurations, how it builds and measures a model, what it stores beyond the sc
     sweep.write(args.out, {**sweep.header(), "lr_rule": ..., "metric": sweep.METRIC, "configs": results}, todo, start)
 
 where run_config uses each_seed (one fixed rate) or grid_then_seeds (lesson 05's rule: the rate of a grid with
-the best seed-0 validation exact match), both around a run(...) -> (trainable, record) the script writes with
-fine_tune and run_record. Each run depends only on its configuration, rate and seed, so a configuration re-run
-alone (--only) gives the numbers of a full sweep.
+the best seed-0 validation exact match; grid_entry also makes the configuration's entry), both around a
+run(...) -> (trainable, record) the script writes with fine_tune and run_record. Each run depends only on its
+configuration, rate and seed, so a configuration re-run alone (--only) gives the numbers of a full sweep.
 """
 
 import argparse
@@ -127,6 +127,13 @@ def grid_then_seeds(name, run, lr_grid):
         runs.append(run(lr, seed)[1])
         log(name, runs[-1], time.perf_counter() - t)
     return trainable, lr, grid, runs
+
+
+def grid_entry(name, spec, run, lr_grid):
+    """A configuration's entry under GRID_LR_RULE (grid_then_seeds): the keys of its spec, then the trainable
+    parameters, the chosen rate, the grid's records and the runs at that rate."""
+    trainable, lr, grid, runs = grid_then_seeds(name, run, lr_grid)
+    return {**spec, "trainable": trainable, "lr": lr, "grid": grid, "runs": runs}
 
 
 def run_configs(table, todo, old, run_config):
