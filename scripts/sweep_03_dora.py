@@ -1,8 +1,8 @@
 """The DoRA fine-tunes behind lesson 03's comparison with LoRA, and the magnitude / direction analysis of
 full fine-tuning, LoRA and DoRA, written to data/results/03_dora.json.
 
-    python scripts/sweep_03_dora.py                  # every configuration (about 6.5 minutes, data/README.md)
-    python scripts/sweep_03_dora.py --only NAME ...  # re-run the named configurations, merged into the JSON
+    python scripts/sweep_03_dora.py                  # every configuration (13 CPU-minutes; data/README.md)
+    python scripts/sweep_03_dora.py --only NAME ...  # re-run (or add) the named configurations, merged into the JSON
 
 The recipe is lesson 01's sweep (scripts/sweep_01_lora.py), unchanged: the committed decoder-tiny base, num2words,
 150 steps, batch 16, warmup 10, cosine to 0.1x, alpha = 2r, seeds 0, 1, 2; greedy exact match on the 200
@@ -10,8 +10,10 @@ validation and the 200 test examples. Seed s sets the adapter's initialisation (
 and the batch order (TrainConfig.seed). One torch thread, as in lesson 01.
 
 The learning-rate rule is lesson 01's, not retuned for DoRA: every adapter trains at 3e-3 and full fine-tuning at
-1e-3, and the r = 8 adapter also at 1/4 and 4x that rate. DoRA (use_dora=True) adds one trainable magnitude per
-output feature of every wrapped layer to LoRA's A and B.
+1e-3, and the r = 8 adapter also at 1/4 and 4x that rate. Both LoRA and DoRA also train at 4x (1.2e-2) at r = 1, 2, 4
+on q_proj, v_proj and at r = 1 on all seven layers (LoRA also r = 2 there), so that the lesson can compare each
+method at its better rate of the two, picked by mean validation exact match. DoRA (use_dora=True) adds one trainable
+magnitude per output feature of every wrapped layer to LoRA's A and B.
 
 Every run also records, every 10 steps, the paper's magnitude and direction change (Liu et al. 2024, section 3.2,
 eq. 3-4) of each q_proj and v_proj weight against the pre-trained one: the effective weight W_t (the trained
@@ -23,8 +25,9 @@ is split into one norm per output feature m_t and unit directions, and
 over the output features n (the rows of the (out, in) weight). Reading the weights does not change training.
 
 The LoRA and full fine-tuning runs repeat lesson 01's configurations (lora_qv_r1 is its qv_r1, ..., full_lr0.001
-its full_lr0.001) to record the same analysis; lora_qv_r4 is new. The script checks that each repeat reproduces
-the exact match that data/results/01_lora.json stores, so the lesson can use lesson 01's numbers for them.
+its full_lr0.001) to record the same analysis; lora_qv_r4 and the LoRA runs at 4x the rate are new. The script
+checks that each repeat reproduces the exact match that data/results/01_lora.json stores, so the lesson can use
+lesson 01's numbers for them.
 """
 
 import argparse
@@ -57,6 +60,13 @@ def configs():
         out[f"dora_qv_r8_lr{lr:g}"] = ("dora", 8, QV, lr, None)
     for r in (1, 2, 4, 8):
         out[f"lora_qv_r{r}"] = ("lora", r, QV, LR_ADAPTER, None if r == 4 else f"qv_r{r}")
+    # 4x the rate below r = 8 too, for both methods (r = 8 at 4x: dora_qv_r8_lr0.012 above, and LoRA's is lesson 01's
+    # qv_r8_lr0.012), and for the all-seven-layer comparison (DoRA r = 1 against LoRA r = 1 and 2)
+    for r in (1, 2, 4):
+        for method in ("lora", "dora"):
+            out[f"{method}_qv_r{r}_lr{LR_ADAPTER * 4:g}"] = (method, r, QV, LR_ADAPTER * 4, None)
+    for method, r in (("dora", 1), ("lora", 1), ("lora", 2)):
+        out[f"{method}_all_r{r}_lr{LR_ADAPTER * 4:g}"] = (method, r, ALL, LR_ADAPTER * 4, None)
     out["full_lr0.001"] = ("full", None, None, LR_FULL, "full_lr0.001")
     return out
 
@@ -183,7 +193,9 @@ def main():
         "task": TASK, "base": "decoder-tiny", "steps": STEPS, "batch_size": 16, "warmup_steps": 10,
         "schedule": "linear warmup, cosine to 0.1x", "seeds": list(SEEDS), "torch_threads": 1,
         "torch": torch.__version__,
-        "lr_rule": f"lesson 01's: adapters {LR_ADAPTER:g}, full fine-tuning {LR_FULL:g}; r = 8 also at 1/4 and 4x",
+        "lr_rule": (f"lesson 01's: adapters {LR_ADAPTER:g}, full fine-tuning {LR_FULL:g}; r = 8 also at 1/4 and 4x; "
+                    "LoRA and DoRA on q_proj, v_proj at r = 1, 2, 4 and on all seven layers at r = 1 (LoRA also r = 2) "
+                    "also at 4x"),
         "metric": "greedy exact match on 200 examples per split",
         "decomposition": (f"every {EVERY} steps, for each q_proj and v_proj: delta_M = mean |m_t - m_0| and "
                           "delta_D = mean (1 - cos(W_t[n], W_0[n])) over output features n (Liu et al. 2024, eq. 3-4)"),
