@@ -6,7 +6,8 @@ train an adapter instead of the whole model.
 
     encode_examples   instruction examples -> token ids + labels (loss on the response only)
     lm_chunks         a plain-text corpus -> fixed-length blocks for language-model pretraining
-    train             AdamW, linear warmup + cosine decay, gradient clipping, optional checkpointing
+    train             AdamW, linear warmup + cosine decay, gradient clipping, optional gradient checkpointing,
+                      checkpoints that resume
     evaluate          mean loss and perplexity on held-out examples
     exact_match       generate an answer for each prompt and compare it with the reference text
 
@@ -16,7 +17,10 @@ Everything is deterministic given ``TrainConfig.seed`` on a fixed machine and th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +63,7 @@ class History:
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    wall_time_s: float = field(default=0.0, compare=False)  # seconds in the loop, summed over resumed runs
 
     @property
     def final_loss(self) -> float:
@@ -165,7 +170,8 @@ def _model_inputs(model, batch: dict) -> dict:
 # ----------------------------------------------------------------------------- loops
 
 
-def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss=None, on_step=None) -> History:
+def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss=None, on_step=None,
+          checkpoint: str | Path | None = None, checkpoint_every: int = 500) -> History:
     """Optimise the trainable parameters of ``model`` on ``rows`` (from encode_examples or lm_chunks).
 
     Hooks for methods that need more than the task loss (AdaLoRA's RankAllocator provides both):
@@ -173,6 +179,12 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
                                     records the task loss alone
       on_step(model, step)          after optimizer step ``step`` (1, 2, ..., cfg.steps), while the
                                     gradients of that step are still there
+
+    Resuming (long pretraining runs): with ``checkpoint`` set, the model, optimizer, schedule, random state,
+    position in the data and history are written there every ``checkpoint_every`` steps and at the end, and a
+    run that finds the file continues from it, so an interrupted run loses at most ``checkpoint_every`` steps and
+    ends with the weights of an uninterrupted one. A file written under a different TrainConfig is refused, with
+    the differing fields named. The file is read with ``torch.load(weights_only=True)``: no pickle runs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -193,10 +205,15 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
 
-    history, running = History(), []
-    model.train()
+    history, running, first = History(), [], 0
     batches = _batches(rows, cfg.batch_size, pad_id, generator)
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train")
+    if checkpoint is not None and Path(checkpoint).exists():
+        first, running = _resume(Path(checkpoint), model, optimizer, scheduler, history, cfg, len(rows))
+        for _ in range(first):  # replay the data order up to where the run stopped
+            next(batches)
+    model.train()
+    started = time.perf_counter() - history.wall_time_s
+    bar = tqdm(range(first, cfg.steps), disable=not cfg.progress, desc="train", initial=first, total=cfg.steps)
     for step in bar:
         out = model(**_model_inputs(model, next(batches)))
         (out.loss + extra_loss(model) if extra_loss is not None else out.loss).backward()
@@ -214,10 +231,55 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
             history.lr.append(optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
             running = []
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            history.wall_time_s = time.perf_counter() - started
+            _save_checkpoint(Path(checkpoint), step + 1, model, optimizer, scheduler, history, running, cfg, len(rows))
+    history.wall_time_s = time.perf_counter() - started
     model.eval()
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = False
     return history
+
+
+def _resumable_fields(cfg: TrainConfig) -> dict:
+    """The TrainConfig fields that shape the weights (progress and logging do not)."""
+    d = asdict(cfg)
+    d.pop("progress")
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def _save_checkpoint(path: Path, step, model, optimizer, scheduler, history, running, cfg, n_rows) -> None:
+    state = {
+        "step": step, "config": _resumable_fields(cfg), "n_rows": n_rows,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(), "running": list(running),
+        "history": {"steps": history.steps, "loss": history.loss, "lr": history.lr, "wall_time_s": history.wall_time_s},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interruption while writing leaves the previous checkpoint
+
+
+def _resume(path: Path, model, optimizer, scheduler, history, cfg, n_rows) -> tuple[int, list[float]]:
+    state = torch.load(path, weights_only=True)
+    saved, now = state["config"], _resumable_fields(cfg)
+    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differing:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differing)
+        raise ValueError(f"{path} was written by a run with a different TrainConfig ({detail}); "
+                         "use the same config to resume, or delete the file to start afresh")
+    if state["n_rows"] != n_rows:
+        raise ValueError(f"{path} was written for {state['n_rows']} training rows, now there are {n_rows}; "
+                         "resume on the same data, or delete the file to start afresh")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    h = state["history"]
+    history.steps, history.loss, history.lr, history.wall_time_s = h["steps"], h["loss"], h["lr"], h["wall_time_s"]
+    return state["step"], list(state["running"])
 
 
 @torch.no_grad()

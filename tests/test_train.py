@@ -174,3 +174,52 @@ def test_seq2seq_model_trains_and_scores(tok):
     assert history.loss[-1] < history.loss[0]
     answers = generate_answers(model, tok, examples[:4], max_new_tokens=4)
     assert len(answers) == 4 and all(isinstance(a, str) and "<eos>" not in a for a in answers)
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tok, examples, tmp_path):
+    rows = encode_examples(examples, tok)
+    cfg = TrainConfig(steps=24, batch_size=4, lr=3e-3, warmup_steps=2, progress=False)
+
+    def model():
+        torch.manual_seed(0)
+        return DecoderLM(get_config("decoder-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                    n_kv_heads=1, d_ff=64, dropout=0.1))  # dropout: the random state resumes too
+
+    whole = model()
+    expected = train(whole, rows, cfg, pad_id=tok.pad_id)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_13(m, step):
+        if step == 13:
+            raise Interrupted
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(Interrupted):
+        train(model(), rows, cfg, pad_id=tok.pad_id, checkpoint=path, checkpoint_every=5, on_step=stop_at_13)
+    assert torch.load(path, weights_only=True)["step"] == 10
+    resumed = model()
+    history = train(resumed, rows, cfg, pad_id=tok.pad_id, checkpoint=path, checkpoint_every=5)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert history.steps == expected.steps and history.loss == expected.loss and history.lr == expected.lr
+    assert history.wall_time_s > 0
+    # a finished run's file resumes at the end: nothing more trains
+    again = model()
+    train(again, rows, cfg, pad_id=tok.pad_id, checkpoint=path)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), again.state_dict().values()))
+
+
+def test_resuming_under_another_config_or_data_is_refused_and_names_the_difference(tok, examples, tmp_path):
+    rows = encode_examples(examples, tok)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=3e-3, warmup_steps=1, progress=False)
+    path = tmp_path / "run.pt"
+    train(_tiny_decoder(tok.vocab_size), rows, cfg, pad_id=tok.pad_id, checkpoint=path)
+    other = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"lr: 0.003 in the checkpoint, 0.001 now.*delete the file"):
+        train(_tiny_decoder(tok.vocab_size), rows, other, pad_id=tok.pad_id, checkpoint=path)
+    with pytest.raises(ValueError, match=r"written for 64 training rows, now there are 60"):
+        train(_tiny_decoder(tok.vocab_size), rows[:60], cfg, pad_id=tok.pad_id, checkpoint=path)
+    # progress is not part of the recipe: a run with the bar on resumes a run without it
+    train(_tiny_decoder(tok.vocab_size), rows, TrainConfig(steps=4, batch_size=4, lr=3e-3, warmup_steps=1), pad_id=tok.pad_id, checkpoint=path)
