@@ -1,7 +1,7 @@
 """Build the small pretrained base checkpoints that every lesson starts from.
 
-    python -m minilora.pretrain                  # both bases, then the quality report
-    python -m minilora.pretrain --only decoder   # one of them
+    python -m minilora.pretrain                        # every base, then the quality report
+    python -m minilora.pretrain --only decoder-base    # one of them (resumes from its checkpoint if interrupted)
 
 Recipe. Both bases learn from data/corpus/pretrain.txt only: plain prose about the task world (facts,
 quantities, number words, dates, small programs, passages, toy-language sentences). They never see the
@@ -9,6 +9,9 @@ instruction format, so a base "knows the language" of the downstream tasks but n
 that gap is what fine-tuning closes, and the lessons measure how well each method closes it.
 
 - decoder-tiny: next-token prediction on the corpus packed into 128-token blocks.
+- decoder-base: the same objective, a few million parameters, for longer, on the corpus plus the reasoning the
+  four decoder tasks need written out in prose (``tasks.build_base_corpus``: worked totals, sums, program traces,
+  passages with their questions answered, lettered quizzes). Stored in bfloat16 (half the file), loaded in float32.
 - seq2seq-tiny: half the documents are denoised (the encoder reads the document with ~15% of its words
   dropped, the decoder writes it back) and half are continued (the encoder reads the document up to a
   random word, the decoder writes the rest). Denoising teaches it to read its input exactly; continuing
@@ -16,6 +19,8 @@ that gap is what fine-tuning closes, and the lessons measure how well each metho
 
 Each checkpoint is ``data/checkpoints/<name>.safetensors`` (weights) + ``<name>.json`` (model config,
 recipe and measured quality). ``load_base(name)`` loads one in a single call; loading never unpickles.
+While a base trains, ``data/checkpoints/<name>.resume.pt`` (not committed) holds its state every 500 steps; a
+re-run of the same command continues from there, and the file is deleted once the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from minilora.models import DecoderLM, ModelConfig, Seq2SeqLM, get_config
-from minilora.tasks import SEQ2SEQ_TASKS, TASKS, data_dir, load_corpus, load_task
+from minilora.tasks import SEQ2SEQ_TASKS, TASKS, build_base_corpus, data_dir, load_corpus, load_task
 from minilora.tokenizer import load_tokenizer
 from minilora.train import TrainConfig, evaluate, exact_match, lm_chunks, train
 
-BASES = {"decoder-tiny": "decoder-tiny", "seq2seq-tiny": "seq2seq-tiny"}  # base name -> model preset
-RECIPE = TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.01, seed=0)  # both bases
+BASES = {"decoder-tiny": "decoder-tiny", "seq2seq-tiny": "seq2seq-tiny", "decoder-base": "decoder-base"}  # name -> preset
+RECIPE = TrainConfig(steps=2000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.01, seed=0)  # the tiny bases
+RECIPES = {"decoder-tiny": RECIPE, "seq2seq-tiny": RECIPE,
+           "decoder-base": TrainConfig(steps=5000, batch_size=16, lr=2e-3, warmup_steps=200, weight_decay=0.01, seed=0)}
+CORPORA = {"decoder-base": "data/corpus/pretrain.txt + tasks.build_base_corpus() reasoning documents"}
+STORED_DTYPE = {"decoder-base": torch.bfloat16}  # file dtype where it is not float32; loaded as float32
+CHECKPOINT_EVERY = 500
 BLOCK_SIZE = 128  # tokens per pretraining row
 HELD_OUT_FRACTION = 0.05  # last 5% of corpus documents measure validation perplexity
 EVAL_EXAMPLES = 100  # test examples per task for the zero-shot exact-match check
@@ -54,15 +64,18 @@ def _check_name(name: str) -> None:
 
 
 def load_base(name: str = "decoder-tiny"):
-    """Load a committed base checkpoint (eval mode). ``name``: 'decoder-tiny' or 'seq2seq-tiny'."""
+    """Load a committed base checkpoint in float32 (eval mode). ``name``: one of BASES ('decoder-tiny',
+    'seq2seq-tiny', 'decoder-base')."""
     _check_name(name)
     weights, meta = checkpoint_dir() / f"{name}.safetensors", checkpoint_dir() / f"{name}.json"
     if not weights.exists() or not meta.exists():
-        raise FileNotFoundError(f"{weights} is missing; build it with `python -m minilora.pretrain --only {name.split('-')[0]}`")
+        raise FileNotFoundError(f"{weights} is missing; build it with `python -m minilora.pretrain --only {name}`")
     config = ModelConfig.from_dict(json.loads(meta.read_text())["config"])
     model = (Seq2SeqLM if config.n_encoder_layers else DecoderLM)(config)
+    if name in STORED_DTYPE:
+        model.to(STORED_DTYPE[name])
     load_model(model, weights)  # safetensors: no pickle; tied embeddings are stored once
-    return model.eval()
+    return model.float().eval()
 
 
 def _split_corpus(docs: list[str]) -> tuple[list[str], list[str]]:
@@ -104,8 +117,8 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
     _check_name(name)
     tokenizer = load_tokenizer()
     config = get_config(BASES[name], vocab_size=tokenizer.vocab_size)
-    train_docs, val_docs = _split_corpus(load_corpus())
-    cfg = replace(RECIPE, progress=progress)
+    train_docs, val_docs = _split_corpus(build_base_corpus() if name in CORPORA else load_corpus())
+    cfg = replace(RECIPES[name], progress=progress)
     if steps is not None:
         # quick runs keep the schedule's shape: warmup at most a tenth of the steps
         cfg = replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 10))
@@ -122,16 +135,16 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
         val_rows = lm_chunks(val_docs, tokenizer, BLOCK_SIZE)
         tasks = list(TASKS)
 
-    start = time.perf_counter()
-    history = train(model, train_rows, cfg, pad_id=tokenizer.pad_id)
-    wall = time.perf_counter() - start
+    resume = checkpoint_dir() / f"{name}.resume.pt"
+    history = train(model, train_rows, cfg, pad_id=tokenizer.pad_id, checkpoint=resume, checkpoint_every=CHECKPOINT_EVERY)
+    wall = history.wall_time_s
 
     meta = {
         "name": name,
         "config": config.to_dict(),
         "recipe": {
             "objective": "seq2seq: half denoising (document with dropped words -> document), half continuation (prefix -> rest)" if config.n_encoder_layers else "next-token prediction",
-            "corpus": "data/corpus/pretrain.txt",
+            "corpus": CORPORA.get(name, "data/corpus/pretrain.txt"),
             "train_documents": len(train_docs),
             "train_rows": len(train_rows),
             "block_size": BLOCK_SIZE,
@@ -142,6 +155,7 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
             "weight_decay": cfg.weight_decay,
             "seed": cfg.seed,
             "torch_threads": torch.get_num_threads(),
+            "stored_dtype": str(STORED_DTYPE.get(name, torch.float32)).replace("torch.", ""),
         },
         "wall_time_s": round(wall, 1),
         "final_train_loss": round(history.final_loss, 4),
@@ -150,8 +164,9 @@ def build(name: str, steps: int | None = None, progress: bool = True) -> dict:
     }
     out = checkpoint_dir()
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out / f"{name}.safetensors")
+    save_model(model.to(STORED_DTYPE.get(name, torch.float32)), out / f"{name}.safetensors")
     (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    resume.unlink(missing_ok=True)
     return meta
 
 
@@ -181,21 +196,24 @@ def report_markdown() -> str:
 
 
 def update_data_readme() -> None:
+    """Rewrite the '## Base checkpoints' section of data/README.md in place (appended if missing); the sections
+    before and after it stay as they are."""
     readme = data_dir() / "README.md"
     text = readme.read_text() if readme.exists() else "# data\n\n"
-    head = text.split("## Base checkpoints")[0].rstrip() + "\n\n"
-    readme.write_text(head + report_markdown())
+    head, _, rest = text.partition("## Base checkpoints")
+    tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+    readme.write_text(head.rstrip() + "\n\n" + report_markdown() + ("\n" + tail if tail else ""))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["decoder", "seq2seq"], help="build one base instead of both")
+    parser.add_argument("--only", choices=list(BASES), help="build one base instead of all")
     parser.add_argument("--steps", type=int, help="override the number of training steps (quick experiments)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the committed checkpoints were built with 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [n for n in BASES if args.only is None or n.startswith(args.only)]
+    names = [n for n in BASES if args.only is None or n == args.only]
     for name in names:
         meta = build(name, steps=args.steps, progress=not args.quiet)
         print(json.dumps({k: meta[k] for k in ("name", "wall_time_s", "final_train_loss", "quality")}, indent=2))

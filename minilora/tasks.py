@@ -693,6 +693,110 @@ CORPUS_MIX = {doc_facts: 1400, doc_stories: 1400, doc_numbers: 1000, doc_dates: 
               doc_programs: 1300, doc_passages: 1400, doc_toy: 1400}
 
 
+# The decoder-base corpus adds, to the corpus above, the reasoning the four decoder tasks need, written out in
+# prose: totals worked step by step, sums on their own, programs traced value by value, passages followed by
+# questions and their answers, and quizzes whose options are named by letter. Still never the instruction format.
+BASE_CORPUS_SEED = 24680
+
+
+def _say(n: int, rng: random.Random) -> str:
+    return rng.choice([str(n), str(n), number_to_words(n)]) if 0 <= n < 100 else str(n)
+
+
+def doc_worked_stories(rng: random.Random, held_out: set) -> str:
+    out = []
+    for _ in range(rng.randint(2, 3)):
+        record = _fresh(rng, "arithmetic", held_out)
+        kind, a, b, obj, x, y, z, answer = record
+        text, question = _story(record, past=rng.random() < 0.5)
+        first = x + y if kind in ("gain", "together", "gain_loss") else x - y
+        op1 = "plus" if kind in ("gain", "together", "gain_loss") else "minus"
+        work = f"{x} {op1} {y} is {first}"
+        if kind in ("gain_loss", "loss_gain"):
+            op2 = "minus" if kind == "gain_loss" else "plus"
+            work += f", and {first} {op2} {z} is {answer}"
+        out.append(rng.choice([f"{text} {question} {work}, so the answer is {answer}.",
+                               f"{text} {work.capitalize()}. {question} {answer}."]))
+    return " ".join(out)
+
+
+def doc_sums(rng: random.Random, held_out: set) -> str:
+    out = []
+    for _ in range(rng.randint(5, 9)):
+        x, y = rng.randint(0, 99), rng.randint(0, 99)
+        if rng.random() < 0.5 and x + y < 100:
+            out.append(rng.choice([f"{x} + {y} = {x + y}.", f"{x} plus {y} is {x + y}.", f"{x} and {y} make {x + y}."]))
+        elif x >= y:
+            out.append(rng.choice([f"{x} - {y} = {x - y}.", f"{x} minus {y} is {x - y}.",
+                                   f"Take {y} from {x} and {x - y} are left."]))
+        else:
+            m = rng.randint(2, 4)
+            v = rng.randint(-20, 24)
+            out.append(f"{v} * {m} = {v * m}.")
+    return " ".join(out)
+
+
+def doc_traces(rng: random.Random, held_out: set) -> str:
+    *statements, value = _fresh(rng, "expressions", held_out)
+    env: dict[str, int] = {}
+    lines = []
+    for s in statements[:-1]:
+        name, expr = s.split(" = ")
+        env[name] = _evaluate(expr, env)
+        if len(expr.split()) == 1:
+            lines.append(f"{name} is {env[name]}.")
+        else:
+            left, op, right = expr.split()
+            numbers = " ".join(str(env[t]) if t in env else t for t in (left, op, right))
+            lines.append(f"{name} is {expr}, which is {numbers} = {env[name]}.")
+    term = statements[-1][len("print("):-1]
+    left, op, right = term.split()
+    numbers = " ".join(str(env[t]) if t in env else t for t in (left, op, right))
+    return (f"Let us run {'; '.join(statements)}. " + " ".join(lines) +
+            f" Then {term} is {numbers} = {value}, so it prints {value}.")
+
+
+def doc_passage_questions(rng: random.Random, held_out: set) -> str:
+    out = []
+    for _ in range(rng.randint(1, 2)):
+        passage, question, answer = _fresh(rng, "reading", held_out)
+        out.append(rng.choice([f"{passage} {question} {answer}.", f"{passage} {question} The answer is {answer}.",
+                               f"Read this: {passage} Then {question[0].lower() + question[1:]} It is {answer}."]))
+    return " ".join(out)
+
+
+def doc_quizzes(rng: random.Random, held_out: set) -> str:
+    out = []
+    for _ in range(rng.randint(1, 3)):
+        record = _fresh(rng, "facts", held_out)
+        creature, prop, options = record
+        truth = BESTIARY[creature][prop]
+        letter = LETTERS[options.index(truth)]
+        listed = ", ".join(f"{ch}. {o}" for ch, o in zip(LETTERS, options))
+        out.append(rng.choice([f"Quiz: {QUESTIONS[prop].format(c=creature)} {listed}. The answer is {letter}, {truth}.",
+                               f"{QUESTIONS[prop].format(c=creature)} The choices are {listed}. It is {truth}, so {letter}."]))
+    return " ".join(out)
+
+
+BASE_CORPUS_MIX = {doc_worked_stories: 5000, doc_sums: 3000, doc_traces: 6000, doc_passage_questions: 5000,
+                   doc_quizzes: 3000}
+
+
+def build_base_corpus(seed: int = BASE_CORPUS_SEED) -> list[str]:
+    """data/corpus/pretrain.txt's documents and the reasoning documents of BASE_CORPUS_MIX, shuffled together.
+
+    The added documents skip every world record behind a validation or test example of any task (facts
+    included: a quiz never repeats an evaluation question with its options in the same order)."""
+    held_out = set()
+    for name in TASKS:
+        held_out |= generate_splits(name)["held_out"]
+    rng = random.Random(f"{seed}/base-corpus")
+    docs = [make(rng, held_out) for make, count in BASE_CORPUS_MIX.items() for _ in range(count)]
+    docs += load_corpus()
+    rng.shuffle(docs)
+    return docs
+
+
 def build_corpus(held_out: set, seed: int = CORPUS_SEED) -> list[str]:
     """Documents (one per line in pretrain.txt) from every part of the world, interleaved."""
     rng = random.Random(f"{seed}/corpus")

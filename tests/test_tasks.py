@@ -191,3 +191,64 @@ def test_split_generation_fills_test_first_when_inputs_run_out():
     splits = generate_splits("num2words", sizes={"train": 2000, "validation": 200, "test": 200})
     assert len(splits["test"]) == 200 and len(splits["validation"]) == 200
     assert len(splits["train"]) == 599
+
+
+@pytest.fixture(scope="module")
+def base_corpus():
+    return tasks.build_base_corpus()
+
+
+def test_base_corpus_adds_reasoning_documents_to_the_corpus_deterministically(base_corpus):
+    corpus = corpus_lines()
+    assert sorted(set(corpus) - set(base_corpus)) == []  # every pretrain.txt document is in it
+    added = len(base_corpus) - len(corpus)
+    assert added == sum(tasks.BASE_CORPUS_MIX.values())
+    assert base_corpus == tasks.build_base_corpus()
+    assert base_corpus != tasks.build_base_corpus(seed=1)
+    assert not any("###" in d or "\n" in d or "Instruction" in d or "Response" in d for d in base_corpus)
+
+
+def test_base_corpus_work_is_correct():
+    """Each worked step, sum and trace states true arithmetic, checked by evaluating it here."""
+    rng = random.Random(0)
+    binary = re.compile(r"(-?\d+) (plus|minus|\+|-|\*) (-?\d+) (?:is|=) (-?\d+)")
+    ops = {"plus": int.__add__, "+": int.__add__, "minus": int.__sub__, "-": int.__sub__, "*": int.__mul__}
+    checked = 0
+    for make in (tasks.doc_worked_stories, tasks.doc_sums, tasks.doc_traces):
+        for _ in range(200):
+            for x, op, y, z in binary.findall(make(rng, set())):
+                assert ops[op](int(x), int(y)) == int(z), (x, op, y, z)
+                checked += 1
+    assert checked > 1000
+    for _ in range(200):  # "Take y from x and z are left."
+        for y, x, z in re.findall(r"Take (\d+) from (\d+) and (\d+) are left", tasks.doc_sums(rng, set())):
+            assert int(x) - int(y) == int(z)
+    quizzes = 0
+    for _ in range(200):  # a quiz's letter names the option that is the bestiary's fact
+        for sentence in re.split(r"(?<=\.) (?=Quiz:|What |Where |How )", tasks.doc_quizzes(rng, set())):
+            creature = re.search(r"the (\w+)", sentence).group(1)
+            options = dict(re.findall(r"([ABCD])\. ([a-z]+)", sentence))
+            letter, truth = (re.search(r"The answer is ([ABCD]), ([a-z]+)\.$", sentence)
+                             or re.search(r"It is ([a-z]+), so ([ABCD])\.$", sentence)).groups()
+            if letter not in options:
+                letter, truth = truth, letter
+            assert options[letter] == truth and truth in BESTIARY[creature].values() and len(options) == 4
+            quizzes += 1
+    assert quizzes > 300
+
+
+def test_base_corpus_skips_every_evaluation_record(base_corpus):
+    text = "\n".join(base_corpus)
+    programs = {e["input"] for s in ("validation", "test") for e in read_split("expressions", s)}
+    passages = {e["input"].split("\nQuestion: ")[0] for s in ("validation", "test") for e in read_split("reading", s)}
+    problems = {e["input"].split("?")[0] for s in ("validation", "test") for e in read_split("arithmetic", s)}
+    quizzes = set()
+    for s in ("validation", "test"):
+        for e in read_split("facts", s):
+            question, *options = e["input"].split("\n")
+            quizzes.add(f"{question} " + ", ".join(options))
+    assert not any(p in text for p in programs)
+    assert not any(p in text for p in passages)
+    assert not any(q in text for q in quizzes)
+    # arithmetic: the present-tense story of an evaluation problem never appears with its question
+    assert not any(p + "?" in text for p in problems)

@@ -162,6 +162,12 @@ PRESETS: dict[str, dict] = {
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
         norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=True,
     ),
+    # CPU lessons that need reasoning (arithmetic, programs, reading, quizzes): a few million parameters,
+    # pretrained for longer on a larger corpus (data/README.md, "decoder-base").
+    "decoder-base": dict(
+        vocab_size=2048, d_model=192, n_layers=6, n_heads=6, n_kv_heads=3, d_ff=512, max_seq_len=256,
+        norm="rmsnorm", mlp="swiglu", pos="rope", tie_embeddings=True,
+    ),
     # T5 v1.1 style: relative position bias, gated-GELU, untied head; unlike T5, the standard 1/sqrt(head_dim)
     # attention scaling (attn_scale=None), which pretrained far better at this size (data/README.md).
     # Weights loaded from HF T5 (models/hf.py) get T5's attn_scale=1.0.
