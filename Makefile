@@ -15,7 +15,7 @@ export MALLOC_TOP_PAD_ ?= 536870912
 # Kernels named "python3" run `python` from PATH: make it the venv's, so lessons import this install.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test unit nbval lessons exercises lab data bench mutation clean
+.PHONY: install test unit nbval lessons exercises lab data adapters bench mutation clean
 
 # The venv is (re)built when missing or when the dependency lists change.
 $(STAMP): pyproject.toml constraints.txt
@@ -57,13 +57,19 @@ exercises: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
 
-# Regenerate data/: tasks and corpus, tokenizer, then the pretrained base checkpoints.
+# Regenerate data/: tasks and corpus, tokenizer, the pretrained base checkpoints (decoder-base takes over an
+# hour on 2 cores; an interrupted run resumes), then the four task adapters on decoder-base.
 # (the -W filter hides runpy's note that the package imported these modules before running them)
 RUN_MODULE := $(PY) -W "ignore:'minilora:RuntimeWarning" -m
 data: $(STAMP)
 	$(RUN_MODULE) minilora.tasks
 	$(RUN_MODULE) minilora.tokenizer
 	$(RUN_MODULE) minilora.pretrain --quiet
+	$(RUN_MODULE) minilora.task_adapters --quiet
+
+# The four task adapters alone (data/adapters/<task>/), from the committed decoder-base.
+adapters: $(STAMP)
+	$(RUN_MODULE) minilora.task_adapters --quiet
 
 bench: $(STAMP)
 	$(PY) bench/lora_step.py
