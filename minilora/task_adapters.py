@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, replace
 
 import torch
 
@@ -58,13 +59,13 @@ def build(task: str, progress: bool = True) -> dict:
     rows = encode_examples(load_task(task, "train"), tok)
     torch.manual_seed(RECIPE.seed)
     model = inject(load_base(BASE), CONFIG)
-    cfg = TrainConfig(**{**RECIPE.__dict__, "progress": progress})
+    cfg = replace(RECIPE, progress=progress)
     history = train(model, rows, cfg, pad_id=tok.pad_id)
     out = adapter_dir(task)
     save_adapter(model, str(out))
     record = {
         "task": task, "base": BASE, "lora": {"r": CONFIG.r, "alpha": CONFIG.alpha, "target_modules": list(CONFIG.target_modules)},
-        "recipe": {k: v for k, v in RECIPE.__dict__.items() if k not in ("progress", "log_every")},
+        "recipe": {k: v for k, v in asdict(RECIPE).items() if k not in ("progress", "log_every")},
         "torch_threads": torch.get_num_threads(), "wall_time_s": round(history.wall_time_s, 1),
         "final_train_loss": round(history.final_loss, 4), "loss_every_10_steps": [round(x, 4) for x in history.loss],
     }
