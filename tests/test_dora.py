@@ -84,7 +84,8 @@ def test_fast_norm_in_float32_is_as_accurate_as_the_plain_one(in_f, out_f, r, b_
 def cancelling_factors(dtype=torch.float32):
     """Rows 0 and 3 of W + s B A nearly vanish: W_i = -s B_i A + 1e-3 noise."""
     W, A, B = factors(8, 64, 4, torch.float64, b_std=1.0)
-    W[[0, 3]] = -2.0 * B[[0, 3]] @ A + 1e-3 * torch.randn(2, 64, dtype=torch.float64) / 8
+    noise = torch.randn(2, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    W[[0, 3]] = -2.0 * B[[0, 3]] @ A + 1e-3 * noise / 8
     return W.to(dtype), A.to(dtype), B.to(dtype)
 
 
@@ -94,7 +95,7 @@ def test_rows_that_cancel_are_recomputed_directly_in_float32(monkeypatch):
     # T_i / n_i^2 is ~10^6 on rows 0 and 3: the three-term sum alone loses about all of float32's digits there
     monkeypatch.setattr(dora, "CANCELLATION", math.inf)
     raw = ((weight_norm(W, A, B, 2.0).double() - truth).abs() / truth)
-    assert raw[[0, 3]].min() > 1e-3
+    assert raw[[0, 3]].min() > 32 * U32  # worse than the plain formula's bound (how much worse depends on the CPU)
     monkeypatch.undo()
     # with the fallback those rows come from W_i + s B_i A itself: a few u, like the plain formula
     err = (weight_norm(W, A, B, 2.0).double() - truth).abs() / truth
