@@ -188,8 +188,28 @@ ARITHMETIC_INSTRUCTIONS = (
 )
 
 
+ONE_STEP = ("gain", "loss", "together", "compare")
+TWO_STEP = ("gain_loss", "loss_gain")
+ARITHMETIC_RANGES = (30, 20)  # the largest x and y of the task's problems (data/README.md: why)
+
+
 def sample_arithmetic(rng: random.Random) -> tuple:
-    kind = rng.choice(["gain", "loss", "together", "compare", "gain_loss", "loss_gain"])
+    """The task's problems: one addition or subtraction, x in [2, 30], y in [2, 20]; z is always 0.
+
+    The corpus states the harder problems of ``sample_story_arithmetic`` in prose; the task asks only for one step."""
+    kind = rng.choice(ONE_STEP)
+    a, b = rng.sample(PEOPLE, 2)
+    obj = rng.choice(OBJECTS)
+    while True:
+        x, y = rng.randint(2, ARITHMETIC_RANGES[0]), rng.randint(2, ARITHMETIC_RANGES[1])
+        answer = x + y if kind in ("gain", "together") else x - y
+        if answer >= 0:
+            return (kind, a, b, obj, x, y, 0, answer)
+
+
+def sample_story_arithmetic(rng: random.Random) -> tuple:
+    """The corpus's stories: one or two steps, x in [2, 60], y in [2, 40], z in [2, 30], answers below 100."""
+    kind = rng.choice(ONE_STEP + TWO_STEP)
     a, b = rng.sample(PEOPLE, 2)
     obj = rng.choice(OBJECTS)
     while True:
@@ -312,7 +332,22 @@ def _binary(rng: random.Random, env: dict[str, int]) -> tuple[str, int]:
 
 
 def sample_expressions(rng: random.Random) -> tuple:
-    """A program as a tuple of statements; the last one prints."""
+    """The task's programs: one variable set to 10-24 and one operation, printed directly or through a second variable.
+
+    ``x = 17; print(x * 3)`` or ``x = 17; y = x - 4; print(y)``. The corpus traces the longer programs of
+    ``sample_program``, which set two or three variables, each constant below 10, and print a term: no task program
+    is in it, not even as the tail of a longer one."""
+    name = rng.choice(VARIABLES)
+    env = {name: rng.randint(10, 24)}
+    term, value = _binary(rng, env)
+    if rng.random() < 0.5:
+        return (f"{name} = {env[name]}", f"print({term})", value)
+    other = rng.choice([v for v in VARIABLES if v != name])
+    return (f"{name} = {env[name]}", f"{other} = {term}", f"print({other})", value)
+
+
+def sample_program(rng: random.Random) -> tuple:
+    """The corpus's programs as a tuple of statements: two or three assignments, then a print of a term."""
     while True:
         names = rng.sample(VARIABLES, 3)
         env = {names[0]: rng.randint(1, 9)}
@@ -559,13 +594,16 @@ def seq2seq_pair(example: dict, task: str | None = None) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 # Splits
 
-def generate_splits(name: str, seed: int = SEED, sizes: dict[str, int] | None = None) -> dict:
+def generate_splits(name: str, seed: int = SEED, sizes: dict[str, int] | None = None,
+                    sample: Callable[[random.Random], Hashable] | None = None) -> dict:
     """{"test": [...], "validation": [...], "train": [...]} with no input shared between splits.
 
     Test is filled first, then validation, then train, so a family with few distinct inputs
     (num2words) keeps full evaluation splits and a smaller train split. Also returns the world
-    records behind validation and test under "held_out" for the corpus to avoid."""
+    records behind validation and test under "held_out" for the corpus to avoid. ``sample`` replaces the family's
+    sampler (the tokenizer's training text uses the corpus's samplers)."""
     task = get_task(name)
+    sample = sample or task.sample
     sizes = sizes or SPLIT_SIZES
     rng = random.Random(f"{seed}/{name}")  # str seeds are hashed with sha512: stable across runs
     order = ["test", "validation", "train"]
@@ -576,7 +614,7 @@ def generate_splits(name: str, seed: int = SEED, sizes: dict[str, int] | None = 
     for split in order:
         while len(out[split]) < sizes[split] and draws < max_draws:
             draws += 1
-            record = task.sample(rng)
+            record = sample(rng)
             example = task.render(record, rng)
             if example["input"] in seen:
                 continue
@@ -594,16 +632,23 @@ def _world_key(name: str, record) -> Hashable:
         return ("dates", record[0])
     if name == "reading":
         return ("reading", record[0])
+    if name == "arithmetic" and record[0] in ONE_STEP:  # z plays no part in a one-step story
+        return ("arithmetic", record[:6] + (0,) + record[7:])
     return (name, record)
 
 
 # ----------------------------------------------------------------------------------------------
 # Pretraining corpus: one document per line, plain prose, no instruction format.
 
+# The corpus draws its arithmetic stories and programs from wider samplers than the tasks' (data/README.md says why).
+CORPUS_SAMPLERS = {"arithmetic": sample_story_arithmetic, "expressions": sample_program}
+
+
 def _fresh(rng: random.Random, name: str, held_out: set):
     """A world record of this family that no evaluation example was built from."""
+    sample = CORPUS_SAMPLERS.get(name, TASKS[name].sample)
     while True:
-        record = TASKS[name].sample(rng)
+        record = sample(rng)
         if _world_key(name, record) not in held_out:
             return record
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from minilora.tasks import TASKS, data_dir, full_text, generate_all
+from minilora.tasks import CORPUS_SAMPLERS, TASKS, data_dir, full_text, generate_all, generate_splits
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, SEP_ID = range(5)
@@ -105,10 +105,13 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 def training_texts() -> list[str]:
     """Corpus documents, then each task's train examples as full prompt + answer, in a fixed order.
 
-    Regenerated in memory from the seeds (well under a second), so training does not depend on
-    what happens to be on disk; it is the same text ``python -m minilora.tasks`` writes."""
-    splits, corpus = generate_all()
-    return corpus + [full_text(e, name) for name in TASKS for e in splits[name]["train"]]
+    Regenerated in memory from the seeds (well under a second), so training does not depend on what happens to be
+    on disk. The train examples of arithmetic and expressions are drawn with the corpus's wider samplers
+    (``tasks.CORPUS_SAMPLERS``), as the task files were when the tokenizer was trained; the one-step problems the
+    tasks now ask use the same words and digits, so the committed tokenizer and every base stay as they are."""
+    _, corpus = generate_all()
+    return corpus + [full_text(e, name) for name in TASKS
+                     for e in generate_splits(name, sample=CORPUS_SAMPLERS.get(name))["train"]]
 
 
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = VOCAB_SIZE) -> Tokenizer:

@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--pretrain", metavar="PRESET", default=None)
     parser.add_argument("--save", default="/tmp/probe_base.safetensors")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="generate this many training examples instead of the committed split (test and "
+                             "validation are drawn first, so they stay the same)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = ml.load_tokenizer()
@@ -119,7 +122,11 @@ def main() -> None:
                 f.write(json.dumps(record) + "\n")
         return
     for task in args.tasks:
-        rows = ml.encode_examples(ml.load_task(task, "train"), tok)
+        if args.train_size:
+            sizes = {**T.SPLIT_SIZES, "train": args.train_size}
+            rows = ml.encode_examples(T.generate_splits(task, sizes=sizes)["train"], tok)
+        else:
+            rows = ml.encode_examples(ml.load_task(task, "train"), tok)
         val = list(ml.load_task(task, "validation"))[: args.eval]
         torch.manual_seed(0)
         model = load()
@@ -139,7 +146,8 @@ def main() -> None:
         record = {"base": args.base, "task": task, "method": args.method, "lr": args.lr, "steps": args.steps,
                   "test_exact_match": test, "train_wall_s": round(history.wall_time_s - eval_s[0], 1),
                   "r": args.r if args.method == "lora" else None, "targets": args.targets if args.method == "lora" else None,
-                  "curve": curve, "final_loss": round(history.final_loss, 4), "threads": args.threads}
+                  "curve": curve, "final_loss": round(history.final_loss, 4), "threads": args.threads,
+                  "train_examples": len(rows)}
         print(json.dumps(record), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -187,6 +187,49 @@ def test_corpus_states_every_fact_and_skips_held_out_records():
     assert not any(f"'{s}'" in text for s in sentences)
 
 
+STORY = re.compile(r"(\w+) has (\d+) (\w+)\. (?:She|He) (buys|gives) (\d+) (?:more )?\w+(?: to \w+)?\."
+                   r"|(\w+) has (\d+) (\w+) and (\w+) has (\d+) \w+\.")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_task_problems_take_one_step(split):
+    """The generator change of data/README.md: one operation per arithmetic problem and per program."""
+    for e in read_split("arithmetic", split):
+        numbers = [int(n) for n in re.findall(r"\d+", e["input"])]
+        assert len(numbers) == 2 and 2 <= numbers[0] <= 30 and 2 <= numbers[1] <= 20, e["input"]
+        x, y = numbers
+        assert int(e["output"]) in ({x + y} if ("buys" in e["input"] or "together" in e["input"]) else {x - y})
+        assert STORY.match(e["input"]), e["input"]
+    for e in read_split("expressions", split):
+        statements = e["input"].split("; ")
+        assert len(statements) in (2, 3) and statements[-1].startswith("print(")
+        assert sum(e["input"].count(op) for op in (" + ", " - ", " * ")) == 1, e["input"]
+        name, value = statements[0].split(" = ")
+        assert 10 <= int(value) <= 24 and name in tasks.VARIABLES
+
+
+def test_arithmetic_key_ignores_the_unused_third_number():
+    one = ("gain", "Anna", "Ben", "coins", 12, 7, 0, 19)
+    assert tasks._world_key("arithmetic", one) == tasks._world_key("arithmetic", one[:6] + (25,) + one[7:])
+    two = ("gain_loss", "Anna", "Ben", "coins", 12, 7, 5, 14)
+    assert tasks._world_key("arithmetic", two) != tasks._world_key("arithmetic", two[:6] + (6,) + two[7:])
+
+
+def past_tense(story):
+    return story.replace(" has ", " had ").replace(" buys ", " bought ").replace(" gives ", " gave ")
+
+
+def test_no_evaluation_problem_or_program_is_in_either_corpus(base_corpus):
+    """Not even as part of a longer document: a task program is never the tail of a corpus program."""
+    programs = {e["input"] for s in ("validation", "test") for e in read_split("expressions", s)}
+    stories = {e["input"].split("?")[0].rsplit(". ", 1)[0] + "." for s in ("validation", "test")
+               for e in read_split("arithmetic", s)}
+    assert all(STORY.fullmatch(st) for st in stories)
+    for text in ("\n".join(corpus_lines()), "\n".join(base_corpus)):
+        assert not any(p in text for p in programs)
+        assert not any(st in text or past_tense(st) in text for st in stories)
+
+
 def test_split_generation_fills_test_first_when_inputs_run_out():
     splits = generate_splits("num2words", sizes={"train": 2000, "validation": 200, "test": 200})
     assert len(splits["test"]) == 200 and len(splits["validation"]) == 200
