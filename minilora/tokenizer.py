@@ -109,9 +109,10 @@ def training_texts() -> list[str]:
     on disk. The train examples of arithmetic and expressions are drawn with the corpus's wider samplers
     (``tasks.CORPUS_SAMPLERS``), as the task files were when the tokenizer was trained; the one-step problems the
     tasks now ask use the same words and digits, so the committed tokenizer and every base stay as they are."""
-    _, corpus = generate_all()
-    return corpus + [full_text(e, name) for name in TASKS
-                     for e in generate_splits(name, sample=CORPUS_SAMPLERS.get(name))["train"]]
+    splits, corpus = generate_all()
+    for name, sample in CORPUS_SAMPLERS.items():
+        splits[name] = generate_splits(name, sample=sample)
+    return corpus + [full_text(e, name) for name in TASKS for e in splits[name]["train"]]
 
 
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
