@@ -19,6 +19,8 @@ from minilora.inject import (
 from minilora.io import adapter_state_dict, load_adapter, save_adapter
 from minilora.methods.adalora import AdaLoraConfig, AdaLoraLayer, orthogonal_penalty
 from minilora.methods.adalora_budget import RankAllocator, budget_at, prune
+from minilora.methods.hyper import AlignmentAdapter, AlignmentConfig
+from minilora.methods.hyperformer import TaskHyperAdapter, TaskHyperConfig
 from minilora.methods.ia3 import IA3Config, IA3Layer
 from minilora.methods.lora import LoraConfig, LoraLayer
 from minilora.methods.nf4 import NF4Tensor, dequantize, quantize
@@ -42,6 +44,8 @@ __all__ = [
     "IA3Config", "IA3Layer",
     # AdaLoRA
     "AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "orthogonal_penalty", "budget_at", "prune",
+    # hypernetwork adapters (encoder-decoder)
+    "AlignmentAdapter", "AlignmentConfig", "TaskHyperAdapter", "TaskHyperConfig",
     # QLoRA / NF4
     "NF4Tensor", "quantize", "dequantize", "Linear4bit", "LoraLinear4bit", "quantize_model", "dequantize_model",
     # training
