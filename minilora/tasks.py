@@ -19,10 +19,10 @@ task           example input -> output                                    train 
 =============  =========================================================  ======================
 arithmetic     "Mia has 23 shells. She finds 15 more shells. How many      2000 / 200 / 200
                shells does Mia have now?" -> "38"
-facts          "Where does the blorf live?\\nA. cave\\nB. marsh\\n..." -> "B"  2000 / 200 / 200
+facts          "Where does the blorf live?\\nA. cave\\nB. marsh\\n..." -> "marsh"  2000 / 200 / 200
 expressions    "x = 3; y = x + 4; print(y * 2)" -> "14"                    2000 / 200 / 200
-reading        "Leo bought a red kite at the market. ...\\nQuestion: What    2000 / 200 / 200
-               did Leo buy?" -> "a red kite"
+reading        "Leo bought a red kite at the market. Ada met ...\\nQuestion:  2000 / 200 / 200
+               What did Leo buy?" -> "a red kite"
 num2words      "342" -> "three hundred forty-two"                         599 / 200 / 200
 dates          "2021-03-07" -> "7 March 2021" (any pair of four formats)  2000 / 200 / 200
 translate      "the big cat sees the dog" -> "miro gra tabu ko vani"       2000 / 200 / 200
@@ -264,6 +264,12 @@ def prose_arithmetic(record: tuple, rng: random.Random) -> str:
 
 # facts ---------------------------------------------------------------------------------------
 FACTS_INSTRUCTIONS = (
+    "Answer the question with the correct option.",
+    "Choose the correct answer and reply with it.",
+)
+# The first version of the task answered with the option's letter, which decoder-base learned only to chance under
+# LoRA (data/README.md); the committed tokenizer was trained on it (FIRST_GENERATORS).
+LETTER_INSTRUCTIONS = (
     "Answer the question with the letter of the correct option.",
     "Choose the correct answer. Reply with its letter.",
 )
@@ -279,12 +285,22 @@ def sample_facts(rng: random.Random) -> tuple:
     return (creature, prop, tuple(options))
 
 
-def render_facts(record: tuple, rng: random.Random) -> dict:
+def _facts_input(record: tuple) -> str:
     creature, prop, options = record
-    lines = [QUESTIONS[prop].format(c=creature)]
-    lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
+    return "\n".join([QUESTIONS[prop].format(c=creature)] + [f"{ch}. {o}" for ch, o in zip(LETTERS, options)])
+
+
+def render_facts(record: tuple, rng: random.Random) -> dict:
+    """The answer is the correct option itself ("brown"), chosen among the four listed."""
+    creature, prop, _ = record
+    return _example(rng.choice(FACTS_INSTRUCTIONS), _facts_input(record), BESTIARY[creature][prop])
+
+
+def render_facts_by_letter(record: tuple, rng: random.Random) -> dict:
+    """The first version: the answer is the correct option's letter ("D")."""
+    creature, prop, options = record
     answer = LETTERS[options.index(BESTIARY[creature][prop])]
-    return _example(rng.choice(FACTS_INSTRUCTIONS), "\n".join(lines), answer)
+    return _example(rng.choice(LETTER_INSTRUCTIONS), _facts_input(record), answer)
 
 
 def fact_sentences(creature: str, rng: random.Random) -> list[str]:
@@ -426,9 +442,9 @@ def _reading_sentence(kind: str, rng: random.Random, people: list[str]) -> tuple
             [(f"How many {obj} did {p} and {q} collect?", str(n)), (f"Who collected {obj} with {p}?", q)])
 
 
-def sample_reading(rng: random.Random) -> tuple:
+def _passage(rng: random.Random, fewest: int, most: int) -> tuple:
     people = rng.sample(PEOPLE, 8)  # every person appears once, so every answer is unique
-    kinds = rng.sample(["went", "bought", "gave", "met", "collected"], rng.randint(2, 4))
+    kinds = rng.sample(["went", "bought", "gave", "met", "collected"], rng.randint(fewest, most))
     sentences, questions = [], []
     for kind in kinds:
         sentence, qa = _reading_sentence(kind, rng, people)
@@ -436,6 +452,17 @@ def sample_reading(rng: random.Random) -> tuple:
         questions += qa
     question, answer = rng.choice(questions)
     return (" ".join(sentences), question, answer)
+
+
+def sample_reading(rng: random.Random) -> tuple:
+    """The task's passages: one or two sentences (the span to copy is one of two to four candidates)."""
+    return _passage(rng, 1, 2)
+
+
+def sample_long_reading(rng: random.Random) -> tuple:
+    """The corpus's passages, and the task's first version: two to four sentences (data/README.md says why the
+    task became shorter)."""
+    return _passage(rng, 2, 4)
 
 
 def render_reading(record: tuple, rng: random.Random) -> dict:
@@ -595,15 +622,16 @@ def seq2seq_pair(example: dict, task: str | None = None) -> tuple[str, str]:
 # Splits
 
 def generate_splits(name: str, seed: int = SEED, sizes: dict[str, int] | None = None,
-                    sample: Callable[[random.Random], Hashable] | None = None) -> dict:
+                    sample: Callable[[random.Random], Hashable] | None = None,
+                    render: Callable[[Hashable, random.Random], dict] | None = None) -> dict:
     """{"test": [...], "validation": [...], "train": [...]} with no input shared between splits.
 
     Test is filled first, then validation, then train, so a family with few distinct inputs
     (num2words) keeps full evaluation splits and a smaller train split. Also returns the world
-    records behind validation and test under "held_out" for the corpus to avoid. ``sample`` replaces the family's
-    sampler (the tokenizer's training text uses the corpus's samplers)."""
+    records behind validation and test under "held_out" for the corpus to avoid. ``sample`` and ``render`` replace
+    the family's (the tokenizer's training text uses the first versions, FIRST_GENERATORS)."""
     task = get_task(name)
-    sample = sample or task.sample
+    sample, render = sample or task.sample, render or task.render
     sizes = sizes or SPLIT_SIZES
     rng = random.Random(f"{seed}/{name}")  # str seeds are hashed with sha512: stable across runs
     order = ["test", "validation", "train"]
@@ -615,7 +643,7 @@ def generate_splits(name: str, seed: int = SEED, sizes: dict[str, int] | None = 
         while len(out[split]) < sizes[split] and draws < max_draws:
             draws += 1
             record = sample(rng)
-            example = task.render(record, rng)
+            example = render(record, rng)
             if example["input"] in seen:
                 continue
             seen.add(example["input"])
@@ -640,8 +668,12 @@ def _world_key(name: str, record) -> Hashable:
 # ----------------------------------------------------------------------------------------------
 # Pretraining corpus: one document per line, plain prose, no instruction format.
 
-# The corpus draws its arithmetic stories and programs from wider samplers than the tasks' (data/README.md says why).
-CORPUS_SAMPLERS = {"arithmetic": sample_story_arithmetic, "expressions": sample_program}
+# The corpus draws its stories, programs and passages from wider samplers than the tasks' (data/README.md says why).
+CORPUS_SAMPLERS = {"arithmetic": sample_story_arithmetic, "expressions": sample_program, "reading": sample_long_reading}
+# What the task files held when the committed tokenizer was trained: generate_splits keyword arguments per family,
+# for tokenizer.training_texts, so that the tokenizer (and every base) is reproduced byte for byte.
+FIRST_GENERATORS = {"arithmetic": {"sample": sample_story_arithmetic}, "expressions": {"sample": sample_program},
+                    "reading": {"sample": sample_long_reading}, "facts": {"render": render_facts_by_letter}}
 
 
 def _fresh(rng: random.Random, name: str, held_out: set):

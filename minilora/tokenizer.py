@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from minilora.tasks import CORPUS_SAMPLERS, TASKS, data_dir, full_text, generate_all, generate_splits
+from minilora.tasks import FIRST_GENERATORS, TASKS, data_dir, full_text, generate_all, generate_splits
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, SEP_ID = range(5)
@@ -106,12 +106,12 @@ def training_texts() -> list[str]:
     """Corpus documents, then each task's train examples as full prompt + answer, in a fixed order.
 
     Regenerated in memory from the seeds (well under a second), so training does not depend on what happens to be
-    on disk. The train examples of arithmetic and expressions are drawn with the corpus's wider samplers
-    (``tasks.CORPUS_SAMPLERS``), as the task files were when the tokenizer was trained; the one-step problems the
-    tasks now ask use the same words and digits, so the committed tokenizer and every base stay as they are."""
+    on disk. Four families are drawn as the task files were when the tokenizer was trained (``tasks.FIRST_GENERATORS``:
+    multi-step stories and programs, longer passages, letter answers); today's tasks use the same words and digits,
+    so the committed tokenizer and every base stay as they are."""
     splits, corpus = generate_all()
-    for name, sample in CORPUS_SAMPLERS.items():
-        splits[name] = generate_splits(name, sample=sample)
+    for name, generators in FIRST_GENERATORS.items():
+        splits[name] = generate_splits(name, **generators)
     return corpus + [full_text(e, name) for name in TASKS for e in splits[name]["train"]]
 
 

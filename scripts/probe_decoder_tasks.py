@@ -29,6 +29,8 @@ import torch
 import minilora as ml
 from minilora import tasks as T
 
+# which version of the task generators a record measured (data/README.md, "Tasks", tells the story)
+GENERATORS = "one-step arithmetic and expressions, facts answered with the option, passages of one or two sentences"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -147,7 +149,7 @@ def main() -> None:
                   "test_exact_match": test, "train_wall_s": round(history.wall_time_s - eval_s[0], 1),
                   "r": args.r if args.method == "lora" else None, "targets": args.targets if args.method == "lora" else None,
                   "curve": curve, "final_loss": round(history.final_loss, 4), "threads": args.threads,
-                  "train_examples": len(rows)}
+                  "train_examples": len(rows), "generators": GENERATORS}
         print(json.dumps(record), flush=True)
         if args.out:
             with open(args.out, "a") as f:
