@@ -13,14 +13,33 @@ deleting them, and counting trainable parameters; `add_weighted_adapter` combine
 keeps its adapters' configs in `model.adapter_configs` and the active names in `model.adapter_active`.
 One model may hold several methods on different layers; one layer holds adapters of one method.
 
+modules_to_save: a config may list other modules (a norm, an lm_head, T5's relative position bias tables) that
+train as a full copy per adapter. `inject` wraps each in a `ModulesToSave`: peft's ModulesToSaveWrapper with its
+attribute names, so the state-dict keys are peft's (`<module>.original_module.weight`,
+`<module>.modules_to_save.<adapter>.weight`). The copy of the active adapter runs; the frozen original runs when
+no adapter with a copy there is active, or adapters are disabled. set_adapter / disable / delete / the mixed-batch
+hook / trainable_report treat the copies like adapter tensors, merge leaves them running (there is nothing to
+fold), and merge_and_unload puts the running module back as a plain module. Deliberate differences from peft:
+  - names match like target_modules (the whole name or a ".name" suffix); peft matches a bare suffix, so its
+    "norm" also wraps every "input_layernorm";
+  - a name that matches nothing is an error (peft skips it), and so is a module both targeted and listed, or
+    one inside the other (peft silently drops such targets);
+  - the original stays frozen under bias="all" (peft unfreezes its bias, which then trains for no adapter);
+  - a mixed batch runs each adapter's examples through its copy for any module whose first argument is the
+    batch (peft allows Linear, Embedding and Conv only); a module that takes no batch (RelativePositionBias
+    takes lengths) cannot mix copies, and says so;
+  - add_weighted_adapter refuses adapters with copies (peft gives the combination a fresh, untrained copy).
+
 Mixed batches: after `inject`, `model(x, adapter_names=["a", "__base__", "b", ...])` runs example i through
 adapter names[i] ("__base__" means no adapter). The model itself knows nothing about adapters: a forward
 pre-hook on the root module takes `adapter_names` out of the kwargs, hands it to every adapter layer, and a
-forward hook that also runs when the forward raises clears it again. `generate()` of minilora's models passes
+forward hook that also runs when the forward raises clears it again. Examples whose adapter has no copy of a
+modules_to_save module go through its original, like "__base__" ones. `generate()` of minilora's models passes
 extra keyword arguments to every forward call, so `model.generate(ids, n, adapter_names=[...])` works too.
 """
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import re
@@ -69,22 +88,117 @@ def method_of(config) -> Method:
     return method
 
 
+# ----------------------------------------------------------------------------- modules_to_save
+
+class ModulesToSave(nn.Module):
+    """A module of a config's `modules_to_save`: the frozen original plus one full copy per adapter, trainable
+    while its adapter is active (peft's ModulesToSaveWrapper; the same attribute names give the same state-dict
+    keys). It runs the copy of its active adapter, or the original when none is active or adapters are disabled."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []  # at most one: set_adapter refuses two copies of one module
+        self.disabled = False
+        self.batch_adapter_names: list[str] | None = None  # set per call by inject's hook for mixed batches
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)  # training starts from the original
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters())
+
+    def saved_state(self, name: str) -> dict[str, torch.Tensor]:
+        """What a file holds for the adapter, as peft saves it: the copy's state_dict (buffers too)."""
+        return self.modules_to_save[name].state_dict()
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.modules_to_save[name].load_state_dict(tensors)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def module_for(self, name: str) -> nn.Module:
+        """What runs for adapter `name`: its copy, or the original if it has none here (or is "__base__")."""
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def running_module(self) -> nn.Module:
+        return self.module_for(self.active_adapters[0] if self.active_adapters else BASE)
+
+    def forward(self, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(*args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self.mixed_batch_forward(self.batch_adapter_names, *args, **kwargs)
+        return self.running_module()(*args, **kwargs)
+
+    def mixed_batch_forward(self, names: list[str], x, *args, **kwargs):
+        """Example i through module_for(names[i]), as peft does it: each module runs on its rows of the batch
+        (x's first dimension), and the outputs go back in the batch's order. The examples must not interact,
+        which holds for the layers of these models in eval mode (mixed batches require it)."""
+        rows = {}  # the module that runs -> the examples it runs on
+        for i, name in enumerate(names):
+            rows.setdefault(self.module_for(name), []).append(i)
+        if len(rows) == 1:
+            return next(iter(rows))(x, *args, **kwargs)
+        if not (isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == len(names)):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"a mixed batch runs a different copy of this {type(self.original_module).__name__} "
+                             f"(modules_to_save) per example, which needs the batch of {len(names)} examples as its "
+                             f"first argument; it got {got}. Run these adapters one at a time with "
+                             "set_adapter(model, name).")
+        outputs = torch.cat([module(x[idx], *args, **kwargs) for module, idx in rows.items()])
+        order = torch.tensor([i for idx in rows.values() for i in idx], device=outputs.device)
+        return outputs[order.argsort()]  # back in the batch's order
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self.active_adapters}"
+
+
 # ----------------------------------------------------------------------------- finding targets
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
+def _adapter_modules(model: nn.Module) -> dict[str, AdapterLayer | ModulesToSave]:
+    """Every module that holds adapters: what choosing, disabling and deleting adapters goes through."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
+
+
 def _candidate_modules(model: nn.Module):
-    """Every module a user could target: adapter layers count under their own name, their insides do not."""
+    """Every module a user could name: adapter layers and modules_to_save wrappers count under their own name,
+    their insides do not."""
     inside = set()
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
             inside.add(name + ".")
         if name:
             yield name, module
+
+
+def _closest_names(name: str, candidates: dict[str, nn.Module]) -> list[str]:
+    short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    return difflib.get_close_matches(name, short + list(candidates), n=5, cutoff=0.4) or short[:10]
+
+
+def _nested(a: str, b: str) -> bool:
+    """Module names a and b are the same module, or one lies inside the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def find_targets(model: nn.Module, config, check_target: bool = True) -> dict[str, nn.Module]:
@@ -100,12 +214,13 @@ def find_targets(model: nn.Module, config, check_target: bool = True) -> dict[st
     else:
         unmatched = [p for p in config.target_modules if not any(name_matches([p], n) for n in found)]
     if unmatched:
-        short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        close = difflib.get_close_matches(unmatched[0], short + list(candidates), n=5, cutoff=0.4)
         raise ValueError(f"target module(s) {unmatched} match no module of {type(model).__name__}"
                          f"{' (after exclude_modules)' if config.exclude_modules else ''}. "
-                         f"Closest module names: {close or short[:10]}.")
+                         f"Closest module names: {_closest_names(unmatched[0], candidates)}.")
     for name, module in found.items():
+        if isinstance(module, ModulesToSave):
+            raise ValueError(f"{name!r} holds modules_to_save copies of adapters {module.adapters}, so it cannot be a "
+                             f"target too. Exclude it (exclude_modules=[{name!r}]).")
         if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_class(module.base_layer)):
             other = next(n for n, m in METHODS.items() if isinstance(module, m.layer_class(module.base_layer)))
             raise ValueError(f"{name!r} already holds {other} adapters ({module.adapters}); one layer holds one method, "
@@ -117,14 +232,51 @@ def find_targets(model: nn.Module, config, check_target: bool = True) -> dict[st
     return found
 
 
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)  # no forward of their own
+
+
+def find_modules_to_save(model: nn.Module, config, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Modules the config's `modules_to_save` names (plain, or wrappers holding other adapters' copies), checked
+    against its `targets` (find_targets' result) without changing anything."""
+    names = getattr(config, "modules_to_save", None)  # a method's config need not have the field
+    if not names:
+        return {}
+    candidates = dict(_candidate_modules(model))
+    found = {n: m for n, m in candidates.items() if name_matches(names, n)}
+    unmatched = [p for p in names if not any(name_matches([p], n) for n in found)]
+    if unmatched:
+        raise ValueError(f"modules_to_save {unmatched} match no module of {type(model).__name__}. "
+                         f"Closest module names: {_closest_names(unmatched[0], candidates)}.")
+    for name, module in found.items():
+        for target in targets:
+            if _nested(target, name):
+                raise ValueError(f"{target!r} is a target and {'in' if target == name else 'nested with'} "
+                                 f"modules_to_save ({name!r}): one module cannot get both an adapter layer and a "
+                                 "trained copy (peft silently drops such targets). Drop it from one list, e.g. "
+                                 f"exclude_modules=[{target!r}].")
+        inner = [n for n in found if n != name and _nested(n, name)]
+        if inner:
+            raise ValueError(f"modules_to_save matches {name!r} and {inner[0]!r}, one inside the other, so the "
+                             "copy of one would hold the other. List only one of them.")
+        if isinstance(module, CONTAINERS):
+            raise ValueError(f"modules_to_save {name!r} is a {type(module).__name__}, which has no forward of its "
+                             "own to run a copy of; list the modules inside it.")
+        held = sorted({a for m in module.modules() if isinstance(m, AdapterLayer) for a in m.adapters})
+        if held:
+            raise ValueError(f"modules_to_save {name!r} is or holds adapter layers (of adapters {held}), which a copy "
+                             "would copy too. List a module without adapters, or fold them in with "
+                             "merge_and_unload(model) first.")
+    return found
+
+
 # ----------------------------------------------------------------------------- injecting
 
 def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
     """Wrap the targeted layers in place and return the model (any registered method's config).
 
     The first adapter becomes active; later ones are added inactive (like peft's add_adapter) until
-    `set_adapter` picks them. Base weights are frozen; only active adapters (and biases chosen by
-    `config.bias`) require grad.
+    `set_adapter` picks them. Base weights are frozen; only active adapters, their copies of
+    `config.modules_to_save` and the biases chosen by `config.bias` require grad.
     """
     method_of(config)
     _check_new_name(model, adapter_name)
@@ -142,7 +294,8 @@ def _check_new_name(model: nn.Module, adapter_name: str) -> None:
 
 
 def _inject(model, config, adapter_name, check_target):
-    targets = find_targets(model, config, check_target)  # raises before anything changes
+    targets = find_targets(model, config, check_target)  # both raise before anything changes
+    saved = find_modules_to_save(model, config, targets)
     configs = _configs(model)
     method = method_of(config)
     first = not configs
@@ -150,15 +303,25 @@ def _inject(model, config, adapter_name, check_target):
         p.requires_grad_(False)
     for name, module in targets.items():
         if not isinstance(module, AdapterLayer):
-            parent_name, _, child = name.rpartition(".")
             module = method.layer_class(module)(module)
-            setattr(model.get_submodule(parent_name), child, module)
+            _replace(model, name, module)
         module.add_adapter(adapter_name, config, name)
         module.train(module.base_layer.training)  # new modules start in training mode; follow the model's mode
+    for name, module in saved.items():
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, name, module)
+            module.train(module.original_module.training)
+        module.add_adapter(adapter_name)
     model.adapter_configs = {**configs, adapter_name: config}
     _install_hooks(model)
     set_adapter(model, adapter_name if first else _active(model))
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def _configs(model: nn.Module) -> dict:
@@ -169,19 +332,25 @@ def _active(model: nn.Module) -> list[str]:
     return getattr(model, "adapter_active", [])
 
 
+def base_biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The biases bias="all" trains: every ".bias" outside the adapters' own tensors and the modules_to_save
+    wrappers (their original stays frozen; their copies train with their adapter)."""
+    skip = {id(p) for layer in adapter_layers(model).values() for n in layer.adapters
+            for p in layer.adapter_parameters(n)}
+    skip |= {id(p) for wrapper in saved_modules(model).values() for p in wrapper.parameters()}
+    return {k: p for k, p in model.named_parameters() if k.endswith(".bias") and id(p) not in skip}
+
+
 def _mark_trainable(model: nn.Module) -> None:
     active = _active(model)
-    for layer in adapter_layers(model).values():
-        for name in layer.adapters:
-            for p in layer.adapter_parameters(name):
+    for module in _adapter_modules(model).values():
+        for name in module.adapters:
+            for p in module.adapter_parameters(name):
                 p.requires_grad_(name in active)
     biases = {getattr(model.adapter_configs[n], "bias", "none") for n in active}
     if "all" in biases:
-        adapter_ids = {id(p) for layer in adapter_layers(model).values() for n in layer.adapters
-                       for p in layer.adapter_parameters(n)}
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") and id(p) not in adapter_ids:
-                p.requires_grad_(True)
+        for p in base_biases(model).values():
+            p.requires_grad_(True)
     elif "lora_only" in biases:
         for layer in adapter_layers(model).values():
             if getattr(layer.base_layer, "bias", None) is not None:
@@ -203,16 +372,16 @@ def _pre_forward(model, args, kwargs):
     unknown = sorted(set(names) - set(model.adapter_configs) - {BASE})
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; known: {sorted(model.adapter_configs)} and {BASE!r}.")
-    for layer in adapter_layers(model).values():
-        layer.batch_adapter_names = names
+    for module in _adapter_modules(model).values():
+        module.batch_adapter_names = names
     model._adapter_batch_set = True
     return args, kwargs
 
 
 def _post_forward(model, args, output):
     if getattr(model, "_adapter_batch_set", False):
-        for layer in adapter_layers(model).values():
-            layer.batch_adapter_names = None
+        for module in _adapter_modules(model).values():
+            module.batch_adapter_names = None
         model._adapter_batch_set = False
     return output
 
@@ -244,31 +413,41 @@ def _check_known(model: nn.Module, names: list[str]) -> None:
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make `names` the active adapters (their updates are summed) and the only trainable ones."""
+    """Make `names` the active adapters (their updates are summed) and the only trainable ones. At most one of
+    them may have a copy of any one modules_to_save module, as in peft: copies are not summed."""
     names = [names] if isinstance(names, str) else list(names)
     _check_known(model, names)
-    layers = adapter_layers(model).values()
-    if any(layer.merged for layer in layers):
+    if any(layer.merged for layer in adapter_layers(model).values()):
         raise ValueError("cannot change active adapters while merged; call unmerge(model) first.")
-    for layer in layers:
-        layer.active_adapters = [n for n in names if n in layer.adapters]
+    for name, wrapper in saved_modules(model).items():
+        copies = [n for n in names if n in wrapper.adapters]
+        if len(copies) > 1:
+            raise ValueError(f"adapters {copies} each have a copy of {name!r} (modules_to_save) and only one copy can "
+                             f"run, so they cannot be active together; activate one of them, e.g. "
+                             f"set_adapter(model, {copies[0]!r}).")
+    for module in _adapter_modules(model).values():
+        module.active_adapters = [n for n in names if n in module.adapters]
     model.adapter_active = names
     _mark_trainable(model)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model alone inside the block. Merged layers are unmerged on entry and merged back on exit."""
+    """Run the base model alone inside the block (modules_to_save: their originals). Merged layers are unmerged
+    on entry and merged back on exit."""
     layers = list(adapter_layers(model).values())
     merged = {layer: list(layer.merged_adapters) for layer in layers}
+    modules = list(_adapter_modules(model).values())
     for layer in layers:
         layer.unmerge()
-        layer.disabled = True
+    for module in modules:
+        module.disabled = True
     try:
         yield model
     finally:
+        for module in modules:
+            module.disabled = False
         for layer in layers:
-            layer.disabled = False
             layer.merge(merged[layer])
 
 
@@ -277,8 +456,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = adapter_layers(model).values()
     if any(name in layer.merged_adapters for layer in layers):
         raise ValueError(f"adapter {name!r} is merged; call unmerge(model) before deleting it.")
-    for layer in layers:
-        layer.delete_adapter(name)
+    for module in _adapter_modules(model).values():  # a wrapper left without copies runs its original, as in peft
+        module.delete_adapter(name)
     model.adapter_configs = {k: v for k, v in model.adapter_configs.items() if k != name}
     model.adapter_active = [n for n in _active(model) if n != name]
 
@@ -314,13 +493,15 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge the active adapters and put the plain base layers back; the model is adapter-free afterwards."""
+    """Merge the active adapters and put the plain base layers back, and for each modules_to_save module the one
+    that runs (the active adapter's copy, else the original), as peft does; the model is adapter-free afterwards."""
     layers = adapter_layers(model).values()
     if any(n not in layer.merged_adapters for layer in layers for n in layer.active_adapters):
         merge(model, safe_merge=safe_merge)
     for name, layer in adapter_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        _replace(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():
+        _replace(model, name, wrapper.running_module())
     _remove_hooks(model)
     for attr in ("adapter_configs", "adapter_active", "_adapter_batch_set"):
         model.__dict__.pop(attr, None)
@@ -349,6 +530,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise ValueError("add_weighted_adapter combines plain LoRA adapters (B A updates); "
                          f"{[a for a, c in zip(adapters, cfgs) if not isinstance(c, LoraConfig) or getattr(c, 'use_dora', False)]} "
                          "are not. Merge those with merge(model, [name]) instead.")
+    with_copies = [a for a, c in zip(adapters, cfgs) if c.modules_to_save]
+    if with_copies:  # peft gives the combination a fresh copy of the original instead, dropping what they learned
+        raise ValueError(f"adapters {with_copies} train copies of modules (modules_to_save), which have no update to "
+                         "weight; combine adapters without modules_to_save.")
     if any(c.lora_bias for c in cfgs):
         raise ValueError("adapters with lora_bias cannot be combined here; their bias updates would need a layer of their own.")
     rank = sum(c.r for c in cfgs) if combination_type == "cat" else (svd_rank or max(c.r for c in cfgs))
@@ -400,8 +585,9 @@ class TrainableReport(NamedTuple):
 
 
 def trainable_report(model: nn.Module, verbose: bool = True) -> TrainableReport:
-    """Counts of trainable and all parameters (shared tensors counted once), printed like peft's. A 4-bit
-    weight counts as the out x in values it stores (peft counts bitsandbytes' packed bytes twice, the same)."""
+    """Counts of trainable and all parameters (shared tensors counted once), printed like peft's: copies of
+    modules_to_save modules count, as trainable while their adapter is active. A 4-bit weight counts as the
+    out x in values it stores (peft counts bitsandbytes' packed bytes twice, the same)."""
     params = list(model.parameters())  # parameters() already skips shared duplicates
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params) + sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora import DecoderLM, get_config
+from minilora import DecoderLM, Seq2SeqLM, get_config
 from minilora.checks import ExerciseError
 from minilora.inject import adapter_layers
 
@@ -32,6 +32,18 @@ def tiny_decoder(d_model: int = 32, d_ff: int = 48) -> DecoderLM:
     cfg = get_config("decoder-tiny", vocab_size=64, d_model=d_model, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=d_ff,
                      max_seq_len=32)
     return DecoderLM(cfg).eval()
+
+
+def tiny_seq2seq() -> Seq2SeqLM:
+    """A T5-style Seq2SeqLM with two encoder and two decoder layers, 4 heads, vocabulary 64, in eval mode."""
+    cfg = get_config("seq2seq-tiny", vocab_size=64, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4, d_ff=48,
+                     max_seq_len=32)
+    return Seq2SeqLM(cfg).eval()
+
+
+def seq2seq_batch():
+    """Encoder and decoder inputs of different lengths, so self- and cross-attention shapes differ."""
+    return {"input_ids": torch.randint(0, 64, (4, 10)), "decoder_input_ids": torch.randint(0, 64, (4, 7))}
 
 
 def tiny_llama(hidden_size: int = 32, intermediate_size: int = 48):

@@ -77,7 +77,7 @@ def test_config_normalises_target_sets_and_empty_feedforward():
 
 
 def test_config_round_trips_through_the_peft_dict():
-    c = config(exclude_modules=["x.k"], init_ia3_weights=False, fan_in_fan_out=True)
+    c = config(exclude_modules=["x.k"], init_ia3_weights=False, fan_in_fan_out=True, modules_to_save=["norm"])
     d = c.to_peft_dict()
     assert d["peft_type"] == "IA3" and d["peft_version"] == "0.21.2" and d["feedforward_modules"] == ["ff"]
     assert IA3Config.from_peft_dict(d) == c
@@ -86,7 +86,7 @@ def test_config_round_trips_through_the_peft_dict():
 
 @pytest.mark.parametrize("change, fix", [
     (dict(peft_type="LORA"), "this is a 'LORA' adapter, not 'IA3'"),
-    (dict(modules_to_save=["classifier"]), r"IA3 features minilora does not implement: \['modules_to_save'\]"),
+    (dict(layers_to_transform=[0]), r"IA3 features minilora does not implement: \['layers_to_transform'\]"),
 ])
 def test_from_peft_dict_rejects_other_methods_and_unimplemented_fields(change, fix):
     with pytest.raises(ValueError, match=fix):

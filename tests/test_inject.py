@@ -1,4 +1,5 @@
-"""Model-level LoRA: target matching, freezing, several adapters, mixed batches, merging, combining, counting."""
+"""Model-level LoRA: target matching, freezing, several adapters, mixed batches, merging, combining, counting;
+modules_to_save (the copies, what trains, switching, and the errors)."""
 
 import copy
 import re
@@ -7,8 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minilora.inject import (add_weighted_adapter, delete_adapter, disable_adapters, inject, adapter_layers, merge,
-                             merge_and_unload, set_adapter, trainable_report, unmerge)
+from minilora.inject import (ModulesToSave, add_weighted_adapter, delete_adapter, disable_adapters, inject,
+                             adapter_layers, merge, merge_and_unload, saved_modules, set_adapter, trainable_report,
+                             unmerge)
+from minilora.io import adapter_state_dict
+from minilora.methods.adalora import AdaLoraConfig
+from minilora.methods.ia3 import IA3Config
 from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
@@ -577,3 +582,164 @@ def test_injected_layers_follow_the_models_mode():
     model.train()
     inject(model, cfg(dropout=0.5), "second")
     assert all(m.training for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- modules_to_save
+
+def perturb_copies(model, name, seed):
+    """Move adapter `name`'s copies off the original, so that running the wrong module shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for wrapper in saved_modules(model).values():
+            for p in wrapper.adapter_parameters(name):
+                p.add_(torch.randn(p.shape, generator=g))
+
+
+def two_adapters_with_copies():
+    """Net with LoRA adapters "a" and "b", each with its own copy of the head, moved apart."""
+    torch.manual_seed(0)
+    base = Net()
+    model = inject(copy.deepcopy(base), cfg(modules_to_save=["head"]), "a")
+    inject(model, cfg(modules_to_save=["head"]), "b")
+    perturb_copies(model, "a", 1)
+    perturb_copies(model, "b", 2)
+    return base, model
+
+
+@pytest.mark.parametrize("config", [LoraConfig, IA3Config, lambda **kw: AdaLoraConfig(total_step=10, **kw)])
+def test_modules_to_save_is_checked_and_normalised_by_every_config(config):
+    for value, fix in [("head", r"not a string: write \['head'\]"), ([3], "must be a list of module names"),
+                       (["head", ""], "must be a list of module names"), ({"head": 1}, "must be a list of module names")]:
+        with pytest.raises(ValueError, match=fix):
+            config(target_modules=["q_proj"], modules_to_save=value)
+    assert config(target_modules=["q_proj"], modules_to_save=("head", "norm")).modules_to_save == ["head", "norm"]
+    assert config(target_modules=["q_proj"], modules_to_save={"norm", "head"}).modules_to_save == ["head", "norm"]
+    assert config(target_modules=["q_proj"], modules_to_save=[]).modules_to_save is None
+    c = config(target_modules=["q_proj"], modules_to_save=["head"])
+    assert c.to_peft_dict()["modules_to_save"] == ["head"] and type(c).from_peft_dict(c.to_peft_dict()) == c
+
+
+def test_copies_start_as_the_original_and_train_in_its_place():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(3, 16)
+    y0 = model(x)
+    inject(model, cfg(modules_to_save=["head", "layers.0.norm"]))
+    assert torch.equal(model(x), y0)  # copies equal to the originals, B = 0
+    assert set(saved_modules(model)) == {"head", "layers.0.norm"}  # ".norm" names the exact part, not layers.1's too
+    assert {"head.original_module.weight", "head.modules_to_save.default.weight"} <= set(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if ".lora_" not in n} == {
+        "head.modules_to_save.default.weight", "head.modules_to_save.default.bias",
+        "layers.0.norm.modules_to_save.default.weight", "layers.0.norm.modules_to_save.default.bias"}
+    model(x).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".original_module." in n)
+    total_base = 2 * (2 * (16 * 16 + 16) + 2 * 16) + 16 * 4 + 4
+    lora, copies = 4 * (4 * 16 + 16 * 4), (16 * 4 + 4) + 2 * 16  # 4 LoRA layers; the head and one LayerNorm
+    assert trainable_report(model, verbose=False)[:2] == (lora + copies, total_base + lora + copies)
+
+
+def test_set_adapter_disable_delete_and_unload_choose_the_copy_that_runs():
+    base, model = two_adapters_with_copies()
+    wrapper, x = model.head, torch.randn(3, 16)
+    head_out = {n: wrapper.modules_to_save[n](x) for n in ("a", "b")}
+    assert torch.equal(wrapper(x), head_out["a"])
+    set_adapter(model, "b")
+    assert torch.equal(wrapper(x), head_out["b"])
+    assert not any(p.requires_grad for p in wrapper.adapter_parameters("a"))
+    assert all(p.requires_grad for p in wrapper.adapter_parameters("b"))
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] each have a copy of 'head'.*set_adapter\(model, 'a'\)"):
+        set_adapter(model, ["a", "b"])
+    assert model.adapter_active == ["b"]  # refused before anything changed
+    with disable_adapters(model):
+        assert torch.equal(wrapper(x), base.head(x))
+    assert torch.equal(wrapper(x), head_out["b"])
+    delete_adapter(model, "b")  # the active one: nothing runs but the original
+    assert wrapper.adapters == ["a"] and torch.equal(wrapper(x), base.head(x))
+    set_adapter(model, "a")
+    copy_a = wrapper.modules_to_save["a"]
+    merged = merge_and_unload(model)
+    assert merged.head is copy_a and not saved_modules(merged)
+
+
+def test_mixed_batch_runs_each_example_through_its_adapters_copy():
+    base, model = two_adapters_with_copies()
+    model.eval()
+    x, names = torch.randn(4, 16), ["b", "__base__", "a", "b"]
+    mixed = model(x, adapter_names=names)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            alone = base(x[i:i + 1])
+        else:
+            set_adapter(model, name)
+            alone = model(x[i:i + 1])
+        assert_close_fp32(mixed[i:i + 1], alone)
+    assert model.head.batch_adapter_names is None  # cleared after the call
+
+
+def test_a_mixed_batch_through_a_module_that_takes_no_batch_says_so():
+    class Lengths(nn.Module):  # like T5's relative position bias: called with a length, not with the batch
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Linear(1, 16)
+
+        def forward(self, n: int):
+            return self.table(torch.ones(n, 1))
+
+    class WithLengths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lengths, self.q_proj = Lengths(), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.q_proj(x) + self.lengths(x.shape[1])  # (N, T, 16) + (T, 16)
+
+    model = inject(WithLengths(), cfg(target_modules=["q_proj"], modules_to_save=["lengths"])).eval()
+    x = torch.randn(3, 5, 16)
+    with pytest.raises(ValueError, match="needs the batch of 3 examples as its first argument; it got int. Run these "
+                                         r"adapters one at a time with set_adapter\(model, name\)"):
+        model(x, adapter_names=["default", "__base__", "default"])
+    assert_close_fp32(model(x, adapter_names=["default"] * 3), model(x))  # one module runs for all: fine
+
+
+@pytest.mark.parametrize("kw, fix", [
+    (dict(modules_to_save=["haed"]), r"modules_to_save \['haed'\] match no module of Net. Closest module names: \['head'"),
+    (dict(target_modules=["q_proj", "head"], modules_to_save=["head"]),
+     r"'head' is a target and in modules_to_save \('head'\).*exclude_modules=\['head'\]"),
+    (dict(modules_to_save=["layers.0"]), r"'layers.0.q_proj' is a target and nested with modules_to_save \('layers.0'\)"),
+    (dict(target_modules=["head"], modules_to_save=["layers.0", "norm"]), "one inside the other"),
+    (dict(target_modules=["head"], modules_to_save=["layers"]), "'layers' is a ModuleList, which has no forward"),
+])
+def test_modules_to_save_errors_name_the_fix_and_change_nothing(kw, fix):
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=fix):
+        inject(model, cfg(**kw))
+    assert not adapter_layers(model) and not saved_modules(model) and not hasattr(model, "adapter_configs")
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_modules_to_save_and_another_adapters_layers_stay_apart():
+    model = inject(Net(), cfg(modules_to_save=["head"]), "a")
+    with pytest.raises(ValueError, match=r"'head' holds modules_to_save copies of adapters \['a'\].*exclude_modules"):
+        inject(model, cfg(target_modules=["head"]), "b")
+    with pytest.raises(ValueError, match=r"modules_to_save 'layers.0' is or holds adapter layers \(of adapters \['a'\]\)"):
+        inject(model, cfg(target_modules=["layers.1.q_proj"], modules_to_save=["layers.0"]), "b")
+    inject(model, cfg(modules_to_save=["head"]), "b")  # a second copy in the same wrapper
+    assert isinstance(model.head, ModulesToSave) and model.head.adapters == ["a", "b"]
+
+
+def test_bias_all_leaves_the_original_frozen_and_saves_each_copy_once():
+    model = inject(Net(), cfg(bias="all", modules_to_save=["head"]))
+    assert model.layers[0].norm.bias.requires_grad and model.head.modules_to_save["default"].bias.requires_grad
+    assert not model.head.original_module.bias.requires_grad
+    keys = set(adapter_state_dict(model))
+    assert {"head.weight", "head.bias", "layers.0.norm.bias"} <= keys  # the copy's bias under peft's key, once
+    assert not any(".original_module." in k or ".modules_to_save." in k for k in keys)
+
+
+def test_weighted_combination_refuses_adapters_with_copies():
+    base, model = two_adapters_with_copies()
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] train copies of modules \(modules_to_save\)"):
+        add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "mix")
+    assert set(model.adapter_configs) == {"a", "b"}

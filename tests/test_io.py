@@ -311,3 +311,66 @@ def test_loading_an_adapter_whose_rank_cannot_exist_on_a_layer_is_refused(tmp_pa
     with pytest.raises(ValueError, match=r"r=8 is larger than min\(in, out\)=6 of layer 'lin1'"):
         load_adapter(model, tmp_path)
     assert_untouched(model, snap)
+
+
+# ----------------------------------------------------------------------------- modules_to_save
+
+def with_copy():
+    """LoRA on lin0 and a trained copy of lin1 (modules_to_save), every trainable tensor moved off its init."""
+    return trained(target_modules=["lin0"], modules_to_save=["lin1"])
+
+
+def test_copies_are_saved_under_the_modules_own_keys_and_load_frozen_unless_trainable(tmp_path):
+    base, model = with_copy()
+    x = torch.randn(3, 10)
+    save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == {"base_model.model.lin0.lora_A.weight", "base_model.model.lin0.lora_B.weight",
+                    "base_model.model.lin1.weight", "base_model.model.lin1.bias"}
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["lin1"]
+    loaded = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert torch.equal(loaded(x), model(x))  # the same weights through the same operations
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert trainable_names(trainable) == trainable_names(model)
+    assert "lin1.modules_to_save.default.weight" in trainable_names(trainable)
+    load_adapter(trainable, tmp_path, "again")  # a second copy goes into the same wrapper, frozen
+    assert trainable.lin1.adapters == ["default", "again"]
+    assert not any(p.requires_grad for p in trainable.lin1.adapter_parameters("again"))
+
+
+def corrupt_copy(tmp_path, case):
+    _, model = with_copy()
+    save_adapter(model, tmp_path)
+    cfg_path, w_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    config, tensors = json.loads(cfg_path.read_text()), load_file(w_path)
+    if case == "missing_copy_key":
+        del tensors["base_model.model.lin1.bias"]
+    elif case == "copy_shape":
+        tensors["base_model.model.lin1.weight"] = torch.zeros(6, 21)
+    elif case == "unmatched_name":
+        config["modules_to_save"] = ["lin7"]
+    elif case == "also_a_target":
+        config["target_modules"] = ["lin0", "lin1"]
+    elif case == "uncovered_base_weight":  # as peft writes "norm" copies of modules our matching does not name
+        config["modules_to_save"] = None
+    cfg_path.write_text(json.dumps(config))
+    save_file(tensors, w_path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_copy_key", r"missing \['lin1.bias'\]"),
+    ("copy_shape", r"lin1.weight: file \(6, 21\) vs model \(6, 20\)"),
+    ("unmatched_name", r"modules_to_save \['lin7'\] match no module"),
+    ("also_a_target", "'lin1' (is a target and in modules_to_save|holds modules_to_save copies of adapters)"),
+    # (on the second model lin1 is another adapter's wrapper: its bias is lin1.original_module.bias there)
+    ("uncovered_base_weight", r"'lin1.bias', (a tensor of the base model that neither the adapter \(bias='none'\) "
+                              r"nor its modules_to_save=None covers|which matches no parameter)"),
+])
+def test_a_failed_load_with_copies_leaves_the_model_untouched(tmp_path, case, message):
+    corrupt_copy(tmp_path, case)
+    for model in (MLP(), inject(MLP(), LoraConfig(r=2, target_modules=["lin0"], modules_to_save=["lin1"]), "other")):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, tmp_path)
+        assert_untouched(model, snap)

@@ -31,7 +31,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .base import AdapterLayer, at_least_fp32, check_peft_dict, check_target_list, in_out_features, is_conv1d
+from .base import (AdapterLayer, at_least_fp32, check_modules_to_save, check_peft_dict, check_target_list,
+                   in_out_features, is_conv1d)
 from .lora import PEFT_DEFAULTS as LORA_PEFT_DEFAULTS
 
 # Every field peft 0.21 writes for an AdaLoRA adapter (LoRA's, plus these), with its default value.
@@ -64,10 +65,12 @@ class AdaLoraConfig:
     exclude_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False  # weight stored (in, out), like GPT-2's Conv1D; detected automatically
     rank_pattern: dict[str, list[bool]] | None = None  # kept triplets per "<module>.lora_E", set by the allocator
+    modules_to_save: list[str] | None = None  # other modules trained as a full copy per adapter (e.g. ["lm_head"])
 
     def __post_init__(self):
         self.target_modules = check_target_list(self.target_modules, "target_modules")
         self.exclude_modules = check_target_list(self.exclude_modules, "exclude_modules", required=False)
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         for f in ("init_r", "target_r", "deltaT"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -110,17 +113,17 @@ class AdaLoraConfig:
         return {**PEFT_DEFAULTS, **{f: getattr(self, f) for f in SCHEDULE}, "lora_alpha": alpha,
                 "lora_dropout": self.dropout, "target_modules": self.target_modules,
                 "exclude_modules": self.exclude_modules, "fan_in_fan_out": self.fan_in_fan_out,
-                "rank_pattern": self.rank_pattern}
+                "rank_pattern": self.rank_pattern, "modules_to_save": self.modules_to_save}
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "AdaLoraConfig":
         ours = {*SCHEDULE, "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out",
-                "rank_pattern", "r"}  # peft ignores r for AdaLoRA (init_r is the rank), and so do we
+                "rank_pattern", "modules_to_save", "r"}  # peft ignores r for AdaLoRA (init_r is the rank), and so do we
         check_peft_dict(d, cls.peft_type, PEFT_DEFAULTS, ours)
         return cls(**{f: d[f] for f in SCHEDULE if f in d}, alpha=d.get("lora_alpha", 8),
                    dropout=d.get("lora_dropout", 0.0), target_modules=d.get("target_modules"),
                    exclude_modules=d.get("exclude_modules"), fan_in_fan_out=d.get("fan_in_fan_out", False),
-                   rank_pattern=d.get("rank_pattern"))
+                   rank_pattern=d.get("rank_pattern"), modules_to_save=d.get("modules_to_save"))
 
 
 class AdaLoraLayer(AdapterLayer):

@@ -7,6 +7,8 @@ The config (a dataclass that validates itself in `__post_init__`, raising ValueE
   - `target_modules` / `exclude_modules`, matched by inject.py the way peft matches them
     (`check_target_list` normalises and validates them);
   - optionally `bias` ("none", "lora_only" or "all": which base biases train with the adapter);
+  - optionally `modules_to_save` (modules outside the targets that train as a full copy per adapter, e.g. T5's
+    relative position bias or a norm; `check_modules_to_save` validates it, inject.py wraps them);
   - `to_peft_dict()` and the classmethod `from_peft_dict(d)`: the adapter_config.json that peft writes and reads.
 
 The layer subclasses `AdapterLayer`: it wraps one frozen `base_layer` and holds any number of named adapters of
@@ -72,6 +74,18 @@ def check_target_list(value, field: str, required: bool = True):
         raise ValueError(f"{field} must be a non-empty list of module names (e.g. ['q_proj', 'v_proj']) "
                          f"or one regex string; got {value!r}.")
     return value
+
+
+def check_modules_to_save(value) -> list[str] | None:
+    """`modules_to_save` as configs keep it: None, or a list of module names (sets and tuples become lists, an
+    empty one None). No regex string, as in peft: a name is matched whole or as a ".name" suffix."""
+    if isinstance(value, (set, tuple)):
+        value = sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, str):
+        raise ValueError(f"modules_to_save takes a list of module names, not a string: write [{value!r}].")
+    if value is not None and not (isinstance(value, list) and all(isinstance(n, str) and n for n in value)):
+        raise ValueError(f"modules_to_save must be a list of module names (e.g. ['lm_head']) or None; got {value!r}.")
+    return value or None
 
 
 # ----------------------------------------------------------------------------- peft's adapter_config.json

@@ -40,8 +40,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .base import (PEFT_FORMAT_VERSION, AdapterLayer, check_peft_dict, check_target_list, in_out_features, is_conv1d,
-                   name_matches)
+from .base import (PEFT_FORMAT_VERSION, AdapterLayer, check_modules_to_save, check_peft_dict, check_target_list,
+                   in_out_features, is_conv1d, name_matches)
 
 # Every field peft 0.21 writes for an IA3 adapter, with its default value.
 PEFT_DEFAULTS = {
@@ -62,9 +62,11 @@ class IA3Config:
     exclude_modules: list[str] | str | None = None  # same matching rules; wins over target_modules
     init_ia3_weights: bool = True  # ones (identity at init); False draws N(0, 1) like peft, which it discourages
     fan_in_fan_out: bool = False  # weight stored (in, out), like GPT-2's Conv1D; detected automatically
+    modules_to_save: list[str] | None = None  # other modules trained as a full copy per adapter (e.g. ["lm_head"])
 
     def __post_init__(self):
         self.target_modules = check_target_list(self.target_modules, "target_modules")
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         self.feedforward_modules = check_target_list(self.feedforward_modules or None, "feedforward_modules",
                                                      required=False)
         self.exclude_modules = check_target_list(self.exclude_modules, "exclude_modules", required=False)
@@ -78,11 +80,13 @@ class IA3Config:
         """adapter_config.json as peft's IA3Config.save_pretrained writes it (io.py adds where it came from)."""
         return {**PEFT_DEFAULTS, "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
                 "feedforward_modules": self.feedforward_modules or [],  # [], not None: peft would fill in its own
-                "init_ia3_weights": self.init_ia3_weights, "fan_in_fan_out": self.fan_in_fan_out}
+                "init_ia3_weights": self.init_ia3_weights, "fan_in_fan_out": self.fan_in_fan_out,
+                "modules_to_save": self.modules_to_save}
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "IA3Config":
-        ours = {"target_modules", "feedforward_modules", "exclude_modules", "init_ia3_weights", "fan_in_fan_out"}
+        ours = {"target_modules", "feedforward_modules", "exclude_modules", "init_ia3_weights", "fan_in_fan_out",
+                "modules_to_save"}
         check_peft_dict(d, cls.peft_type, PEFT_DEFAULTS, ours)
         return cls(**{k: d[k] for k in ours if k in d})
 

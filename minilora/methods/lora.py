@@ -39,8 +39,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .base import (PEFT_FORMAT_VERSION, AdapterLayer, at_least_fp32, check_peft_dict, check_target_list,
-                   in_out_features, is_conv1d)
+from .base import (PEFT_FORMAT_VERSION, AdapterLayer, at_least_fp32, check_modules_to_save, check_peft_dict,
+                   check_target_list, in_out_features, is_conv1d)
 from . import dora
 from .lora_fused import FrozenLinearWithLora
 
@@ -66,6 +66,7 @@ class LoraConfig:
     lora_bias: bool = False  # give B its own bias
     fan_in_fan_out: bool = False  # weight stored (in, out), like GPT-2's Conv1D; detected automatically
     use_dora: bool = False  # DoRA (dora.py): a trainable magnitude per output times the normalised W + s B A
+    modules_to_save: list[str] | None = None  # other modules trained as a full copy per adapter (e.g. ["lm_head"])
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -75,6 +76,7 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (got {self.dropout!r}); use 0.0 to disable it.")
         self.target_modules = check_target_list(self.target_modules, "target_modules")
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if self.init not in INITS:
@@ -95,7 +97,8 @@ class LoraConfig:
         return {**PEFT_DEFAULTS, "r": self.r, "lora_alpha": alpha, "lora_dropout": self.dropout,
                 "target_modules": self.target_modules, "exclude_modules": self.exclude_modules,
                 "use_rslora": self.use_rslora, "init_lora_weights": init, "bias": self.bias,
-                "lora_bias": self.lora_bias, "fan_in_fan_out": self.fan_in_fan_out, "use_dora": self.use_dora}
+                "lora_bias": self.lora_bias, "fan_in_fan_out": self.fan_in_fan_out, "use_dora": self.use_dora,
+                "modules_to_save": self.modules_to_save}
 
     def for_loading(self) -> "LoraConfig":
         """The config load_adapter injects with: default init, so that PiSSA never rewrites the base weights."""
@@ -105,14 +108,14 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict) -> "LoraConfig":
         check_peft_dict(d, "LORA", PEFT_DEFAULTS, {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                                                    "use_rslora", "init_lora_weights", "bias", "lora_bias",
-                                                   "fan_in_fan_out", "use_dora"})
+                                                   "fan_in_fan_out", "use_dora", "modules_to_save"})
         init = d.get("init_lora_weights", True)
         init = "gaussian" if init == "gaussian" else "pissa" if str(init).startswith("pissa") else "default"
         return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                    target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
                    use_rslora=d.get("use_rslora", False), init=init, bias=d.get("bias", "none"),
                    lora_bias=d.get("lora_bias", False), fan_in_fan_out=d.get("fan_in_fan_out", False),
-                   use_dora=d.get("use_dora", False))
+                   use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"))
 
 
 # Every field peft 0.21 writes for a LoRA adapter, with its default value.

@@ -18,24 +18,12 @@ import peft
 from minilora.inject import add_weighted_adapter, inject, adapter_layers, merge, set_adapter
 from minilora.io import load_adapter, adapter_state_dict, save_adapter
 from minilora.methods.lora import LoraConfig
-from minilora.models import Seq2SeqLM, get_config
 
-from adapters import (MLP, adapter_grads, copy_into_peft, randomize_adapters, rel, rel_fro, run, tiny_decoder,
-                      tiny_gpt2, tiny_llama, to_dtype)
+from adapters import (MLP, adapter_grads, copy_into_peft, randomize_adapters, rel, rel_fro, run, seq2seq_batch,
+                      tiny_decoder, tiny_gpt2, tiny_llama, tiny_seq2seq, to_dtype)
 
 warnings.filterwarnings("ignore", category=UserWarning)
 TOL = 1e-5  # float32, relative to the tensor's scale: rounding of different summation orders, with margin
-
-
-def tiny_seq2seq():
-    cfg = get_config("seq2seq-tiny", vocab_size=64, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4, d_ff=48,
-                     max_seq_len=32)
-    return Seq2SeqLM(cfg).eval()
-
-
-def seq2seq_batch():
-    """Encoder and decoder inputs of different lengths, so self- and cross-attention shapes differ."""
-    return {"input_ids": torch.randint(0, 64, (4, 10)), "decoder_input_ids": torch.randint(0, 64, (4, 7))}
 
 
 CASES = {
