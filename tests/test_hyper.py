@@ -179,6 +179,16 @@ def test_trains_jointly_with_lora_and_counts_as_trainable():
     assert any("lora_A" in n for n in moved) and "alignment_adapter.gate" in moved
 
 
+def test_attaching_after_inject_keeps_what_inject_left_trainable():
+    model = seq2seq()
+    ml.inject(model, ml.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["relative_attention_bias"]))
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in before)
+    AlignmentAdapter(model)
+    after = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert after == before | {n for n in after if n.startswith("alignment_adapter.")}
+
+
 def test_hooks_follow_modules_that_inject_swaps_in_later():
     model, b = seq2seq(), batch()
     adapter = AlignmentAdapter(model, AlignmentConfig(cross_rank=2))

@@ -10,8 +10,8 @@ so it combines with LoRA on the same model, and `Seq2SeqLM` itself knows nothing
     ml.train(model, rows, cfg)                                          # everything that is not its own adapter
     adapter.save("out/align");  AlignmentAdapter.load(fresh_model, "out/align")
 
-Attaching freezes the base model (an adapter already in it, such as LoRA, keeps its state) and registers the
-adapter as a submodule of the model (`model.alignment_adapter`), so `model.parameters()`,
+Attaching freezes the base model (after inject it is frozen already, and what inject left trainable stays so) and
+registers the adapter as a submodule of the model (`model.alignment_adapter`), so `model.parameters()`,
 the optimiser in `ml.train`, `.to(device)` and `trainable_report` see its parameters: they count as trainable.
 `detach()` removes the hooks and the submodule; the model is then exactly the base again.
 
@@ -46,8 +46,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .base import AdapterLayer
-
 CONFIG_NAME = "hyper_config.json"
 WEIGHTS_NAME = "hyper_model.safetensors"
 
@@ -73,13 +71,11 @@ class HyperAdapter(nn.Module):
         object.__setattr__(self, "model", model)  # a plain reference: the model holds us, not the other way round
 
     def _attach(self) -> None:
-        """Called by subclasses once their parameters exist. Freezes the base model (adapters already in it, such
-        as LoRA, keep their state) and registers the adapter as a submodule, whose parameters train."""
-        kept = {id(p) for m in self.model.modules() if isinstance(m, AdapterLayer)
-                for name in m.adapters for p in m.adapter_parameters(name)}
-        for p in self.model.parameters():
-            if id(p) not in kept:
-                p.requires_grad_(False)
+        """Called by subclasses once their parameters exist. Freezes the base model, unless inject has already done so
+        (what it left trainable, such as LoRA or a modules_to_save copy, stays so), and registers the adapter as a
+        submodule, whose parameters train."""
+        if not getattr(self.model, "adapter_configs", None):
+            self.model.requires_grad_(False)
         p = next(self.model.parameters())
         self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
         self.model.add_module(self.attr, self)
