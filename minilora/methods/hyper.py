@@ -121,8 +121,7 @@ class HyperAdapter(nn.Module):
             raise ValueError(f"{config_path} has fields {sorted(set(d) - known)} that {cls.config_class.__name__} lacks.")
         tensors = load_file(weights_path)
         params = dict(model.named_parameters())
-        fresh = cls.__new__(cls)
-        cls.__init__(fresh, model, cls.config_class(**d), _attach=False)
+        fresh = cls(model, cls.config_class(**d), _attach=False)
         expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
         expected.update({f"model.{k}": tuple(v.shape) for k, v in fresh.extra_state().items()})
         got = {k: tuple(v.shape) for k, v in tensors.items()}
