@@ -2,21 +2,26 @@
 initialisation, the equations written out in float64, gradients, the KV cache, LoRA beside them, files, errors."""
 
 import json
+import re
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import minilora as ml
 from minilora.methods.hyper import AlignmentAdapter, AlignmentConfig
 from minilora.methods.hyperformer import TaskHyperAdapter, TaskHyperConfig
 
 
-def seq2seq(seed=0):
+def seq2seq(seed=0, dtype=torch.float64, **overrides):
+    """seq2seq-tiny (fields overridden by `overrides`) in `dtype`, in eval mode."""
     torch.manual_seed(seed)
     # frozen, as the base is once an adapter is attached (frozen and trainable parameters may take different
     # attention kernels, which round differently)
-    return ml.Seq2SeqLM(ml.get_config("seq2seq-tiny")).double().eval().requires_grad_(False)
+    return ml.Seq2SeqLM(ml.get_config("seq2seq-tiny", **overrides)).to(dtype).eval().requires_grad_(False)
 
 
 def batch(seed=1):
@@ -58,12 +63,14 @@ def test_alignment_adapter_changes_nothing_before_training(config, with_lora):
 def test_prefix_shape_and_pooling_ignores_padding():
     model, b = seq2seq(), batch()
     adapter = AlignmentAdapter(model, AlignmentConfig(num_prefix=5, hidden=12))
-    enc = model.encode(b["input_ids"], b["attention_mask"])
-    h, prefix = adapter.condition(enc, b["attention_mask"].double())
+    mask = b["attention_mask"].clone()
+    mask[0, 1:] = 0  # a one-token input: its mean is that token's state
+    enc = model.encode(b["input_ids"], mask)
+    h, prefix = adapter.condition(enc, mask.double())
     assert h.shape == (3, 12) and prefix.shape == (3, 5, 128)
     # the pooled vector is the mean over real tokens: written out row by row
     for i in range(3):
-        real = enc[i][b["attention_mask"][i] == 1].mean(0)
+        real = enc[i][mask[i] == 1].mean(0)
         expected = adapter.to_prefix(F.gelu(adapter.hyper(real))).view(5, 128)
         torch.testing.assert_close(prefix[i], expected, rtol=0, atol=1e-12)
 
@@ -88,8 +95,12 @@ def test_attention_pooling_is_a_softmax_over_real_tokens():
     assert not torch.allclose(mean_h, h)
 
 
-def test_prefix_branch_is_the_gated_attention_written_out():
-    model, b = seq2seq(), batch()
+@pytest.mark.parametrize("overrides", [{}, dict(n_kv_heads=2, attn_scale=1.0)], ids=["mha", "gqa-unscaled"])
+def test_prefix_branch_is_the_gated_attention_written_out(overrides):
+    """Also with grouped key/value heads (query head h reads key/value head h // 2) and T5's unscaled attention
+    (attn_scale=1.0, as models loaded from HF T5 have)."""
+    model, b = seq2seq(**overrides), batch()
+    n_kv, scale = model.config.n_kv_heads, overrides.get("attn_scale", 32**-0.5)
     enc = model.encode(b["input_ids"], b["attention_mask"])
     layer = model.decoder.layers[1]
     xn = layer.input_layernorm(torch.randn(3, 4, 128, dtype=torch.float64))
@@ -103,30 +114,99 @@ def test_prefix_branch_is_the_gated_attention_written_out():
     expected = base.clone()
     for bi in range(3):
         q = (xn[bi] @ attn.q_proj.weight.T).view(4, 4, 32)  # (T, heads, hs)
-        k, v = (p[bi] @ attn.k_proj.weight.T).view(3, 4, 32), (p[bi] @ attn.v_proj.weight.T).view(3, 4, 32)
+        k, v = (p[bi] @ attn.k_proj.weight.T).view(3, n_kv, 32), (p[bi] @ attn.v_proj.weight.T).view(3, n_kv, 32)
         heads = []
         for hd in range(4):
-            weights = torch.softmax(q[:, hd] @ k[:, hd].T * 32**-0.5, dim=-1)  # (T, k)
-            heads.append(torch.tanh(adapter.gate[1, hd]) * weights @ v[:, hd])
+            kv = hd // (4 // n_kv)
+            weights = torch.softmax(q[:, hd] @ k[:, kv].T * scale, dim=-1)  # (T, k)
+            heads.append(torch.tanh(adapter.gate[1, hd]) * weights @ v[:, kv])
         expected[bi] += torch.cat(heads, dim=-1) @ attn.o_proj.weight.T
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
-def test_cross_attention_update_is_per_example_low_rank():
+@pytest.mark.parametrize("target", ["q_proj", "k_proj", "v_proj", "o_proj"])
+def test_cross_attention_update_is_per_example_low_rank(target):
     model, b = seq2seq(), batch()
     enc = model.encode(b["input_ids"], b["attention_mask"])
-    proj = model.decoder.layers[2].cross_attn.v_proj
+    proj = getattr(model.decoder.layers[2].cross_attn, target)  # every projection takes and gives 128 here
     base = proj(enc)
-    adapter = AlignmentAdapter(model, AlignmentConfig(hidden=8, cross_rank=3))
+    adapter = AlignmentAdapter(model, AlignmentConfig(hidden=8, cross_rank=3, cross_targets=[target]))
+    assert adapter.config.cross_targets == (target,)
     randomise(adapter)
     model(**b)  # the forward call registers the hooks on the current modules; the state is cleared after it
     adapter._current(enc, None)
     out = proj(enc)
     h = adapter._state[1]
     for i in range(3):
-        A = (adapter.cross_A["2_v_proj"].weight @ h[i] + adapter.cross_A["2_v_proj"].bias).view(3, 128)
-        B = (adapter.cross_B["2_v_proj"].weight @ h[i] + adapter.cross_B["2_v_proj"].bias).view(128, 3)
+        gen_A, gen_B = adapter.cross_A[f"2_{target}"], adapter.cross_B[f"2_{target}"]
+        A = (gen_A.weight @ h[i] + gen_A.bias).view(3, 128)
+        B = (gen_B.weight @ h[i] + gen_B.bias).view(128, 3)
         torch.testing.assert_close(out[i], base[i] + enc[i] @ A.T @ B.T, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_padding_changes_nothing_through_the_forward_call(pooling):
+    """The decoder hands its cross-attention mask to the hooks: a padded row equals the row alone without its
+    padding (the pooled vector, and so the prefix, come from the real tokens only)."""
+    model, b = seq2seq(), batch()
+    adapter = AlignmentAdapter(model, AlignmentConfig(num_prefix=3, pooling=pooling, cross_rank=2))
+    randomise(adapter)
+    padded = model(**b).logits
+    for i in (1, 2):  # left and right padding
+        real = b["attention_mask"][i] == 1
+        alone = model(input_ids=b["input_ids"][i : i + 1, real], labels=b["labels"][i : i + 1]).logits
+        torch.testing.assert_close(padded[i : i + 1], alone, rtol=0, atol=1e-10)
+
+
+def test_the_hypernetwork_runs_once_per_forward_call():
+    """Every decoder layer reads the same prefix and h: they are generated once per call, not once per layer."""
+    model, b = seq2seq(), batch()
+    adapter = AlignmentAdapter(model, AlignmentConfig(cross_rank=1))
+    calls = []
+    adapter.hyper.register_forward_hook(lambda *args: calls.append(1))
+    model(**b)
+    assert len(calls) == 1  # 3 decoder layers
+    model.generate(b["input_ids"], 4, attention_mask=b["attention_mask"], eos_token_id=-1)
+    assert len(calls) == 1 + 4  # once per decoding step
+
+
+def test_a_call_that_raises_keeps_nothing_of_it():
+    """A forward call that fails half-way (out of memory, say) clears what the adapters generated for it, as one
+    that returns does: nothing of it stays alive for the next call."""
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    model, b = seq2seq(), batch()
+    align = AlignmentAdapter(model, AlignmentConfig(cross_rank=1))
+    handle = model.decoder.norm.register_forward_hook(fail)  # after every decoder layer has run
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(**b)
+    assert align._state is None
+    align.detach()
+    tasks = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(**b, task_ids="dates")
+    assert tasks._weights is None
+    handle.remove()
+
+
+def test_adapters_are_built_on_the_models_device():
+    with torch.device("meta"):  # a device other than the default, without a GPU
+        model = ml.Seq2SeqLM(ml.get_config("seq2seq-tiny"))
+    align = AlignmentAdapter(model, AlignmentConfig(pooling="attention", cross_rank=1))
+    tasks = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    assert {p.device.type for p in [*align.parameters(), *tasks.parameters()]} == {"meta"}
+    align._current(torch.empty(2, 5, 128, device="meta"), None)  # no mask: every token real
+    assert align._state[2].device.type == "meta"
+
+
+def test_a_bf16_model_with_and_without_an_attention_mask():
+    model, b = seq2seq(dtype=torch.bfloat16), batch()
+    plain = dict(input_ids=b["input_ids"], labels=b["labels"])
+    base, base_padded = model(**plain).logits, model(**b).logits
+    adapter = AlignmentAdapter(model)
+    assert adapter.hyper.weight.dtype == torch.bfloat16
+    assert torch.equal(model(**plain).logits, base) and torch.equal(model(**b).logits, base_padded)
 
 
 def test_gradients_reach_the_gate_first_and_then_the_whole_hypernetwork():
@@ -209,31 +289,46 @@ def test_detach_restores_the_base_exactly():
     assert not torch.allclose(model(**b).logits, base)
     adapter.detach()
     assert torch.equal(model(**b).logits, base) and not hasattr(model, "alignment_adapter")
+    adapter.detach()  # again (a notebook cell run twice): nothing left to remove
+    assert torch.equal(model(**b).logits, base)
 
 
 def test_alignment_files_round_trip(tmp_path):
     model, b = seq2seq(), batch()
     adapter = AlignmentAdapter(model, AlignmentConfig(num_prefix=3, pooling="attention", cross_rank=2))
-    randomise(adapter)
     adapter.save(tmp_path / "a")
+    randomise(adapter)
+    adapter.save(tmp_path / "a")  # into the same folder again: the files are replaced
     expected = model(**b).logits
     fresh = seq2seq()
     loaded = AlignmentAdapter.load(fresh, str(tmp_path / "a"))
     assert loaded.config == adapter.config and not any(p.requires_grad for p in loaded.parameters())
     torch.testing.assert_close(fresh(**b).logits, expected, rtol=0, atol=0)
     assert json.loads((tmp_path / "a" / "hyper_config.json").read_text())["hyper_type"] == "AlignmentAdapter"
+    with safe_open(tmp_path / "a" / "hyper_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
 
 
 def test_a_bad_alignment_file_leaves_the_model_as_it_was(tmp_path):
     model, b = seq2seq(), batch()
-    AlignmentAdapter(model, AlignmentConfig(num_prefix=3)).save(tmp_path / "a")
+    AlignmentAdapter(model, AlignmentConfig(num_prefix=3, pooling="attention")).save(tmp_path / "a")
+    # the adapter's tensors and nothing else (no cross-attention generators without cross_rank)
+    assert set(load_file(tmp_path / "a" / "hyper_model.safetensors")) == {
+        "query", "hyper.weight", "hyper.bias", "to_prefix.weight", "to_prefix.bias", "gate"}
     fresh = seq2seq()
     base = fresh(**b).logits
     config = json.loads((tmp_path / "a" / "hyper_config.json").read_text())
-    (tmp_path / "a" / "hyper_config.json").write_text(json.dumps({**config, "num_prefix": 4}))
-    with pytest.raises(ValueError, match="does not fit"):
+    for edit, differ in [(dict(num_prefix=4), "['to_prefix.bias', 'to_prefix.weight']"),  # shapes
+                         (dict(pooling="mean"), "['query']")]:  # keys
+        (tmp_path / "a" / "hyper_config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(ValueError, match=f"does not fit this model and config: {re.escape(differ)} differ"):
+            AlignmentAdapter.load(fresh, str(tmp_path / "a"))
+        assert not hasattr(fresh, "alignment_adapter") and torch.equal(fresh(**b).logits, base)
+    without_kind = {k: v for k, v in config.items() if k != "hyper_type"}
+    (tmp_path / "a" / "hyper_config.json").write_text(json.dumps(without_kind))
+    with pytest.raises(ValueError, match="holds a None, not a AlignmentAdapter"):
         AlignmentAdapter.load(fresh, str(tmp_path / "a"))
-    assert not hasattr(fresh, "alignment_adapter") and torch.equal(fresh(**b).logits, base)
+    (tmp_path / "a" / "hyper_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="load it with AlignmentAdapter.load"):
         TaskHyperAdapter.load(fresh, str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError, match="hyper_config.json is missing"):
@@ -251,9 +346,19 @@ def test_alignment_config_errors(kwargs, message):
         AlignmentConfig(**kwargs)
 
 
+def test_alignment_config_takes_the_smallest_sizes_and_every_projection():
+    config = AlignmentConfig(num_prefix=1, hidden=1, cross_rank=1,
+                             cross_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert config.cross_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def test_attaching_to_the_wrong_model_or_twice_is_refused():
     with pytest.raises(TypeError, match="works on an encoder-decoder"):
         AlignmentAdapter(ml.DecoderLM(ml.get_config("decoder-tiny")))
+    with pytest.raises(TypeError, match="works on an encoder-decoder"):  # PyTorch's: a decoder, but no config
+        AlignmentAdapter(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                        dim_feedforward=8, batch_first=True))
+    AlignmentAdapter(seq2seq(n_encoder_layers=1))  # one encoder layer is an encoder-decoder too
     model = seq2seq()
     AlignmentAdapter(model)
     with pytest.raises(ValueError, match=r"call model.alignment_adapter.detach\(\) first"):
@@ -291,6 +396,16 @@ def test_hypernetwork_shapes_and_sizes():
     assert ml.trainable_report(model, verbose=False).trainable == generated + embeddings + mlp + norms
 
 
+def test_generators_start_like_the_papers_code():
+    """Normal with std 1e-2 and zero biases; the layer norm's gain and bias generators at zero (A(h) = h)."""
+    adapter = TaskHyperAdapter(seq2seq(), TaskHyperConfig(tasks=TASKS))
+    normal = [adapter.down_w, adapter.down_b, adapter.up_w, adapter.up_b]
+    w = torch.cat([g.weight.flatten() for g in normal])  # 73,984 draws: the sample std's standard error is 0.26%
+    assert 0.0095 < w.std() < 0.0105 and w.mean().abs() < 1e-3 and all(g.weight.abs().min() > 0 for g in normal)
+    assert all(not g.bias.any() for g in normal)
+    assert all(not t.any() for g in (adapter.gain, adapter.shift) for t in (g.weight, g.bias))
+
+
 def test_adapter_is_the_equation_written_out():
     model = seq2seq()
     adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
@@ -318,6 +433,7 @@ def test_examples_of_different_tasks_in_one_batch_equal_each_alone():
     adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
     randomise(adapter, std=0.1)
     mixed = model(**b, task_ids=torch.tensor([[2], [0], [2]])).logits
+    assert torch.equal(model(**b, task_ids=[2, 0, 2]).logits, mixed)  # indices in a list
     for i, task in enumerate(["translate", "num2words", "translate"]):
         adapter.set_task(task)
         alone = model(**{k: v[i : i + 1] for k, v in b.items()}).logits
@@ -338,6 +454,78 @@ def test_task_hyper_generation_with_the_cache_equals_without_and_trains():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable)
     assert all(n.startswith("task_hyper_adapter.") or "norm" in n for n in trainable)
+
+
+def test_task_ids_with_precomputed_encoder_states():
+    """A call with encoder_outputs and labels only (no input or decoder ids) takes its batch size from the labels."""
+    model, b = seq2seq(), batch()
+    adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    randomise(adapter, std=0.1)
+    ids = ["dates", "translate", "num2words"]
+    out = model(**b, task_ids=ids)
+    again = model(encoder_outputs=out.encoder_hidden_states, attention_mask=b["attention_mask"], labels=b["labels"],
+                  task_ids=ids)
+    assert torch.equal(again.logits, out.logits)
+
+
+def test_task_hyper_detach_restores_the_base_exactly():
+    model, b = seq2seq(), batch()
+    base = model(**b).logits
+    adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    randomise(adapter, std=0.1)
+    assert not torch.allclose(model(**b, task_ids="dates").logits, base)
+    adapter.detach()
+    assert torch.equal(model(**b).logits, base) and not hasattr(model, "task_hyper_adapter")
+    adapter.detach()  # again: nothing left to remove
+    assert torch.equal(model(**b).logits, base)
+
+
+def test_detach_freezes_the_layer_norms_that_trained_with_the_adapter():
+    model = seq2seq()
+    adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    assert any(p.requires_grad for n, p in model.named_parameters() if "norm" in n)
+    adapter.detach()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_encode_and_decode_called_directly_use_the_default_task():
+    """Outside a model call no forward pre-hook generates the adapters: the default task's are used, or the error
+    asks for one."""
+    model, b = seq2seq(), batch()
+    adapter = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    randomise(adapter, std=0.1)
+    with pytest.raises(ValueError, match=r"call adapter.set_task\(name\) first"):
+        model.encode(b["input_ids"], b["attention_mask"])
+    adapter.set_task("dates")
+    out = model(**b, task_ids="dates")
+    enc = model.encode(b["input_ids"], b["attention_mask"])
+    assert torch.equal(enc, out.encoder_hidden_states)
+    decoder_ids = ml.models.seq2seq.shift_right(b["labels"], model.config.decoder_start_token_id, model.config.pad_token_id)
+    logits, _ = model.decode(decoder_ids, enc, b["attention_mask"])
+    assert torch.equal(logits, out.logits)
+
+
+def test_a_call_without_ids_gets_the_models_own_error():
+    model = seq2seq()
+    TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(task_ids="dates")
+
+
+def test_attaching_a_second_hypernetwork_adapter_keeps_the_first_as_it_was():
+    """Trainable stays trainable (the first adapter and its layer norms), frozen stays frozen; the rest of the base
+    is frozen."""
+    model = seq2seq()
+    task = TaskHyperAdapter(model, TaskHyperConfig(tasks=TASKS))
+    align = AlignmentAdapter(model, AlignmentConfig())
+    assert all(p.requires_grad for p in [*task.parameters(), *task.extra_state().values(), *align.parameters()])
+    align.detach()
+    task.requires_grad_(False)
+    AlignmentAdapter(model, AlignmentConfig())
+    assert not any(p.requires_grad for p in task.parameters())
+    base = [p for n, p in model.named_parameters() if not n.startswith(("task_hyper_adapter.", "alignment_adapter."))
+            and "norm" not in n]
+    assert base and not any(p.requires_grad for p in base)
 
 
 def test_task_hyper_files_round_trip_with_the_layer_norms(tmp_path):
@@ -361,11 +549,28 @@ def test_task_errors_name_the_fix():
         model(**b)
     with pytest.raises(ValueError, match="unknown tasks"):
         model(**b, task_ids=["dates", "poetry", "dates"])
-    with pytest.raises(ValueError, match="one task of"):
-        model(**b, task_ids=torch.tensor([0, 1]))
+    for wrong in ([0, 1], [0, 1, 3], [-1, 0, 1]):  # too few; indices past the last task, below the first
+        with pytest.raises(ValueError, match="one task of"):
+            model(**b, task_ids=torch.tensor(wrong))
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         adapter.set_task("poetry")
-    with pytest.raises(ValueError, match="distinct task names"):
-        TaskHyperConfig(tasks=["a", "a"])
     with pytest.raises(ValueError, match="leaves no bottleneck"):
         TaskHyperAdapter(seq2seq(), TaskHyperConfig(tasks=TASKS, reduction_factor=256))
+    assert TaskHyperAdapter(seq2seq(), TaskHyperConfig(tasks=TASKS, reduction_factor=128)).m == 1  # d_model 128
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tasks=["a", "a"]), "distinct task names"),
+    (dict(tasks=[]), "distinct task names"),
+    (dict(tasks=["a", 3]), "distinct task names"),
+    (dict(hidden=0), "hidden must be a positive integer"),
+    (dict(embedding_dim=2.5), "embedding_dim must be a positive integer"),
+])
+def test_task_hyper_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskHyperConfig(**{"tasks": TASKS, **kwargs})
+
+
+def test_task_hyper_config_takes_the_smallest_sizes():
+    config = TaskHyperConfig(tasks=("a",), embedding_dim=1, hidden=1, projected=1, reduction_factor=1)
+    assert config.tasks == ["a"]

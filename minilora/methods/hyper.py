@@ -72,10 +72,14 @@ class HyperAdapter(nn.Module):
 
     def _attach(self) -> None:
         """Called by subclasses once their parameters exist. Freezes the base model, unless inject has already done so
-        (what it left trainable, such as LoRA or a modules_to_save copy, stays so), and registers the adapter as a
-        submodule, whose parameters train."""
+        (what it left trainable, such as LoRA or a modules_to_save copy, stays so; a hypernetwork adapter attached
+        before keeps its state too), and registers the adapter as a submodule, whose parameters train."""
         if not getattr(self.model, "adapter_configs", None):
+            others = [m for m in self.model.modules() if isinstance(m, HyperAdapter)]  # attached before: keep as is
+            kept = {p: p.requires_grad for m in others for p in [*m.parameters(), *m.extra_state().values()]}
             self.model.requires_grad_(False)
+            for p, flag in kept.items():
+                p.requires_grad_(flag)
         p = next(self.model.parameters())
         self.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
         self.model.add_module(self.attr, self)

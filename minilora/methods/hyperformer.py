@@ -129,9 +129,18 @@ class TaskHyperAdapter(HyperAdapter):
         return {"down_w": self.down_w(s).view(n, L, 2, m, d), "down_b": self.down_b(s),
                 "up_w": self.up_w(s).view(n, L, 2, d, m), "up_b": self.up_b(s), "gain": self.gain(s), "shift": self.shift(s)}
 
+    def weights_for(self, tasks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Task indices (B,) -> each example's generated adapters, computed once per distinct task."""
+        unique, inverse = torch.unique(tasks, return_inverse=True)
+        return {k: v[inverse] for k, v in self.generate_weights(unique).items()}
+
     def adapt(self, h: torch.Tensor, layer: int, position: int) -> torch.Tensor:
-        """A(h) for the batch's examples, each with its task's generated adapter. h: (B, T, d)."""
-        w = {k: v[:, layer, position] for k, v in self._weights.items()}  # per example: (B, ...)
+        """A(h) for the batch's examples, each with its task's generated adapter. h: (B, T, d).
+        Outside a model call (model.encode or model.decode called directly) the default task's adapters are used."""
+        weights = self._weights
+        if weights is None:
+            weights = self.weights_for(self.task_index(None, h.shape[0], h.device))
+        w = {k: v[:, layer, position] for k, v in weights.items()}  # per example: (B, ...)
         u = F.silu(torch.einsum("btd,bmd->btm", h, w["down_w"]) + w["down_b"][:, None])
         o = torch.einsum("btm,bdm->btd", u, w["up_w"]) + w["up_b"][:, None]
         o = F.layer_norm(o, o.shape[-1:]) * w["gain"][:, None] + w["shift"][:, None]
@@ -149,13 +158,19 @@ class TaskHyperAdapter(HyperAdapter):
     def _begin(self, model, args, kwargs):
         ids = next((x for x in (kwargs.get("input_ids"), *args[:1], kwargs.get("decoder_input_ids"),
                                 kwargs.get("labels")) if x is not None), None)
-        tasks = self.task_index(kwargs.pop("task_ids", None), ids.shape[0], ids.device)
-        unique, inverse = torch.unique(tasks, return_inverse=True)  # generate once per distinct task in the batch
-        self._weights = {k: v[inverse] for k, v in self.generate_weights(unique).items()}
+        task_ids = kwargs.pop("task_ids", None)
+        if ids is not None:  # without ids the model itself says what is missing
+            self._weights = self.weights_for(self.task_index(task_ids, ids.shape[0], ids.device))
         return args, kwargs
 
     def _end(self, model, args, output):
         self._weights = None
+
+    def detach(self):
+        """Remove the hooks and the submodule, and freeze the layer norms that trained with the adapter again."""
+        for p in self.extra_state().values():
+            p.requires_grad_(False)
+        return super().detach()
 
     def _sublayer_hook(self, i, position):
         def hook(module, args, output):
