@@ -77,7 +77,11 @@ def hyper_count_with_package(cfg, n_tasks, e, hidden, projected, rf):
     return sum(p.numel() for p in ml.TaskHyperAdapter(model, config).parameters())
 
 
-def adapter(h, down_w, down_b, up_w, up_b, gain, shift, act=F.silu, residual=True, norm=True, gain_first=False):
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def adapter(h, down_w, down_b, up_w, up_b, gain, shift, act=gelu_tanh, residual=True, norm=True, gain_first=False):
     u = act(torch.einsum("btd,bmd->btm", h, down_w) + down_b[:, None])
     o = torch.einsum("btm,bdm->btd", u, up_w) + up_b[:, None]
     if gain_first:
@@ -92,7 +96,8 @@ def adapter(h, down_w, down_b, up_w, up_b, gain, shift, act=F.silu, residual=Tru
 def adapter_by_example(h, down_w, down_b, up_w, up_b, gain, shift):
     out = []
     for i in range(len(h)):
-        o = F.silu(h[i] @ down_w[i].T + down_b[i]) @ up_w[i].T + up_b[i]
+        z = h[i] @ down_w[i].T + down_b[i]
+        o = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3))) @ up_w[i].T + up_b[i]
         mu, var = o.mean(-1, keepdim=True), o.var(-1, unbiased=False, keepdim=True)
         out.append(h[i] + (o - mu) / torch.sqrt(var + 1e-5) * gain[i] + shift[i])
     return torch.stack(out)
@@ -159,7 +164,7 @@ def test_prefix_rejects_common_mistakes(seed):
                hint="summed but not averaged", seed=seed)
     fails_with(check, lambda *a: prefix(*a, act=F.relu), hint="GELU, not ReLU", seed=seed)
     fails_with(check, lambda *a: prefix(*a, act=torch.tanh), hint="GELU, not tanh", seed=seed)
-    fails_with(check, lambda *a: prefix(*a, act=lambda x: F.gelu(x, approximate="tanh")),
+    fails_with(check, lambda *a: prefix(*a, act=gelu_tanh),
                hint="not its tanh approximation", seed=seed)
     fails_with(check, lambda *a: prefix(*a, act=lambda x: x), hint="one linear map", seed=seed)
 
@@ -236,7 +241,8 @@ def test_task_adapter_rejects_common_mistakes(seed):
     check = checks.task_adapter
     fails_with(check, lambda *a: adapter(*a, residual=False), hint="adds its output to h", seed=seed)
     fails_with(check, lambda *a: adapter(*a, act=F.relu), hint="not ReLU", seed=seed)
-    fails_with(check, lambda *a: adapter(*a, act=F.gelu), hint="not GELU", seed=seed)
+    fails_with(check, lambda *a: adapter(*a, act=F.silu), hint="not swish", seed=seed)
+    fails_with(check, lambda *a: adapter(*a, act=F.gelu), hint="the tanh approximation", seed=seed)
     fails_with(check, lambda *a: adapter(*a, norm=False), hint="normalised (a layer norm over the features)",
                seed=seed)
     fails_with(check, lambda h, *a: h + adapter(h, *a[:4], torch.ones_like(a[4]), torch.zeros_like(a[5]),
@@ -245,7 +251,7 @@ def test_task_adapter_rejects_common_mistakes(seed):
     fails_with(check, lambda *a: adapter(*a, gain_first=True), hint="normalise first, then scale", seed=seed)
 
     def unbiased(h, down_w, down_b, up_w, up_b, gain, shift):
-        o = torch.einsum("btm,bdm->btd", F.silu(torch.einsum("btd,bmd->btm", h, down_w) + down_b[:, None]), up_w)
+        o = torch.einsum("btm,bdm->btd", gelu_tanh(torch.einsum("btd,bmd->btm", h, down_w) + down_b[:, None]), up_w)
         o = o + up_b[:, None]
         o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, keepdim=True) + 1e-5)
         return h + o * gain[:, None] + shift[:, None]

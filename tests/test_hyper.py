@@ -423,7 +423,7 @@ def test_adapter_is_the_equation_written_out():
         U, bU = (adapter.up_w.weight @ s + adapter.up_w.bias).view(128, 4), adapter.up_b.weight @ s + adapter.up_b.bias
         gain, shift = adapter.gain.weight @ s + adapter.gain.bias, adapter.shift.weight @ s + adapter.shift.bias
         z = h[i] @ D.T + bD
-        o = (z * torch.sigmoid(z)) @ U.T + bU
+        o = (0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))) @ U.T + bU  # GELU, tanh form
         o = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + 1e-5)
         torch.testing.assert_close(out[i], h[i] + o * gain + shift, rtol=0, atol=1e-10)
 

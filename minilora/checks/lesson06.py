@@ -345,7 +345,7 @@ def hyperformer_param_count(student_fn, seed: int | None = None) -> None:
 
 # ----------------------------------------------------------------------------- 5. stretch: one generated adapter
 
-ADAPTER_HINT = ("down-project h with D and its bias, apply swish (x·sigmoid(x)), up-project with U and its bias, then "
+ADAPTER_HINT = ("down-project h with D and its bias, apply GELU (its tanh approximation), up-project with U and its bias, then "
                 "normalise over the features (mean 0, variance 1, without affine weights) and only then apply that "
                 "example's gain and shift; the result is added to h. Every tensor has a leading batch axis: example "
                 "i uses its own weights.")
@@ -371,7 +371,7 @@ def task_adapter(student_fn, seed: int | None = None) -> None:
             want = adapter.adapt(h, 0, 0)
             w = weights
 
-            def variant(act=F.silu, norm=lambda o: F.layer_norm(o, o.shape[-1:]), residual=True, gain_first=False,
+            def variant(act=lambda x: F.gelu(x, approximate="tanh"), norm=lambda o: F.layer_norm(o, o.shape[-1:]), residual=True, gain_first=False,
                         w=w):
                 o = torch.einsum("btm,bdm->btd", act(torch.einsum("btd,bmd->btm", h, w["down_w"]) +
                                                      w["down_b"][:, None]), w["up_w"]) + w["up_b"][:, None]
@@ -384,8 +384,10 @@ def task_adapter(student_fn, seed: int | None = None) -> None:
             mistakes = [
                 (variant(residual=False), "the adapter adds its output to h: A(h) = h + ..., so that it starts as the "
                                           "identity."),
-                (variant(act=F.relu), "the bottleneck's non-linearity is swish (SiLU), x·sigmoid(x), not ReLU."),
-                (variant(act=F.gelu), "the bottleneck's non-linearity is swish (SiLU), x·sigmoid(x), not GELU."),
+                (variant(act=F.relu), "the bottleneck's non-linearity is GELU (its tanh approximation), not ReLU."),
+                (variant(act=F.silu), "the bottleneck's non-linearity is GELU (its tanh approximation), not swish."),
+                (variant(act=F.gelu), "the bottleneck's GELU is the tanh approximation (approximate=\"tanh\"), as in "
+                                      "the paper's released configuration, not the exact erf form."),
                 (variant(norm=lambda o: o), "the up-projection's output is normalised (a layer norm over the "
                                             "features) before the gain and the shift act."),
                 (h + variant(residual=False, norm=lambda o: o, w={**w, "gain": torch.ones_like(w["gain"]),

@@ -8,8 +8,9 @@ is projected by an MLP and a LayerNorm (192 -> 128 -> 64):
 and linear generators turn ŝ into that adapter's weights: the down-projection D (m × d) and its bias, the
 up-projection U (d × m) and its bias (m = d / reduction_factor), and the gain γ and bias β of the layer norm
 after it. The adapter sits on each self-attention and feed-forward sublayer output h, before the residual, in
-encoder and decoder (Houlsby placement, the paper's Fig. 2):
-    A(h) = h + LN_{γ,β}( U · swish(D h + b_D) + b_U )
+encoder and decoder (Houlsby placement, the paper's Fig. 2). GELU is the tanh approximation ("gelu_new"), what the
+released Hyperformer++ configuration of the paper's code sets (its adapter dataclass defaults to swish):
+    A(h) = h + LN_{γ,β}( U · GELU(D h + b_D) + b_U )
 Training updates the hypernetwork, the task embeddings and the model's layer norms; everything else is frozen.
 The generators start like the paper's code (normal, std 1e-2, zero biases), except that γ's and β's start at
 zero, so A(h) = h exactly before training (a deliberate difference: the model starts as the base, as LoRA does).
@@ -141,7 +142,7 @@ class TaskHyperAdapter(HyperAdapter):
         if weights is None:
             weights = self.weights_for(self.task_index(None, h.shape[0], h.device))
         w = {k: v[:, layer, position] for k, v in weights.items()}  # per example: (B, ...)
-        u = F.silu(torch.einsum("btd,bmd->btm", h, w["down_w"]) + w["down_b"][:, None])
+        u = F.gelu(torch.einsum("btd,bmd->btm", h, w["down_w"]) + w["down_b"][:, None], approximate="tanh")
         o = torch.einsum("btm,bdm->btd", u, w["up_w"]) + w["up_b"][:, None]
         o = F.layer_norm(o, o.shape[-1:]) * w["gain"][:, None] + w["shift"][:, None]
         return h + o
