@@ -4,8 +4,9 @@
     python scripts/sweep_06_hyper.py --only translate/lora_r4 ...   # re-run the named ones, merged into the JSON
     python scripts/sweep_06_hyper.py --only $(python scripts/sweep_06_hyper.py --names dates) --out /tmp/d.json
     python scripts/sweep_06_hyper.py --merge /tmp/a.json /tmp/d.json ...   # parts run side by side, into --out
-    python scripts/sweep_06_hyper.py --extend NAME ... --out /tmp/part.json  # rates of LR_GRID a stored entry lacks
-                                                                           # (and EDGE_RATES while the top rate wins)
+    python scripts/sweep_06_hyper.py --extend NAME ... [--source FILE] --out /tmp/part.json
+        # the rates of LR_GRID that a stored entry lacks (and EDGE_RATES while the top rate wins); --source defaults
+        # to data/results/06_hyper.json
 
 The recipe is data/README.md's for the encoder-decoder: the committed seq2seq-tiny base, 600 steps, batch 16,
 warmup 10, cosine to 0.1x, no weight decay; greedy exact match on the 200 validation and the 200 test examples of
