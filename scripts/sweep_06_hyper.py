@@ -124,30 +124,6 @@ LR_RULE = (sweep.GRID_LR_RULE + "; where the largest rate run so far is the best
            "edge_rates first")
 
 
-def complete(name, spec, entry, run):
-    """A configuration's entry under LR_RULE, reusing the runs a stored `entry` already has ({} for none): seed 0 at
-    every rate of LR_GRID, and at the next of EDGE_RATES for as long as the largest rate run is the best; then the
-    rule, and seeds 1 and 2 at the chosen rate unless the entry has them there already."""
-    grid, trainable = {g["lr"]: g for g in entry.get("grid", [])}, entry.get("trainable")
-
-    def seed0(lr):
-        nonlocal trainable
-        t = time.perf_counter()
-        trainable, grid[lr] = run(lr, sweep.SEEDS[0])
-        sweep.log(name, grid[lr], time.perf_counter() - t)
-
-    for lr in LR_GRID:
-        if lr not in grid:
-            seed0(lr)
-    for edge in EDGE_RATES:
-        if sweep.choose_lr(list(grid.values())) != max(grid) or edge in grid:
-            break
-        seed0(edge)
-    lr = sweep.choose_lr(list(grid.values()))
-    runs = entry["runs"] if entry.get("lr") == lr else [grid[lr]] + [run(lr, seed)[1] for seed in sweep.SEEDS[1:]]
-    return {**spec, "trainable": trainable, "lr": lr, "grid": [grid[r] for r in sorted(grid)], "runs": runs}
-
-
 def header():
     return {"base": BASE, "steps_per_task": STEPS, "batch_size": sweep.BATCH_SIZE, "warmup_steps": sweep.WARMUP_STEPS,
             "schedule": "linear warmup, cosine to 0.1x", "seeds": list(sweep.SEEDS), "torch_threads": 1,
@@ -156,7 +132,7 @@ def header():
 
 
 def extend(names, out, source):
-    """`complete` for entries stored in `source` (the rates they lack, and seeds where the chosen rate changes).
+    """LR_RULE for entries stored in `source` (the rates they lack, and seeds where the chosen rate changes).
     Writes the extended entries (only those) to `out`, for --merge."""
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
@@ -164,8 +140,9 @@ def extend(names, out, source):
     stored = json.loads(Path(source).read_text())["configs"]
     tok, rows, splits = load_data()
     start = time.perf_counter()
-    configs = {n: complete(n, CONFIGS[n], stored[n], lambda lr, seed, spec=CONFIGS[n]: run_one(spec, lr, seed, tok,
-                                                                                             rows, splits))
+    configs = {n: sweep.grid_entry(n, CONFIGS[n], lambda lr, seed, spec=CONFIGS[n]: run_one(spec, lr, seed, tok, rows,
+                                                                                            splits),
+                                   LR_GRID, EDGE_RATES, done=stored[n])
                for n in names}
     Path(out).write_text(json.dumps({**header(), "configs": configs}, indent=1) + "\n")
     print(f"wrote {out}: {len(configs)} configurations extended in {time.perf_counter() - start:.0f} s")
@@ -191,7 +168,8 @@ def main():
     start = time.perf_counter()
 
     def run_config(name, spec):
-        return complete(name, spec, {}, lambda lr, seed: run_one(spec, lr, seed, tok, rows, splits))
+        return sweep.grid_entry(name, spec, lambda lr, seed: run_one(spec, lr, seed, tok, rows, splits), LR_GRID,
+                                EDGE_RATES)
 
     results = sweep.run_configs(CONFIGS, todo, old, run_config)
     sweep.write(args.out, {**header(), "configs": results}, todo, start)

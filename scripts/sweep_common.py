@@ -111,28 +111,45 @@ def choose_lr(grid_runs):
     return min(grid_runs, key=lambda run: (-run["validation_em"], run["lr"]))["lr"]
 
 
-def grid_then_seeds(name, run, lr_grid):
+def grid_then_seeds(name, run, lr_grid, edge_rates=(), done=None):
     """GRID_LR_RULE: run(lr, seed) -> (trainable, record with "lr") with seed 0 at every rate of lr_grid, then the
-    other seeds at the chosen rate. Returns the trainable parameters, the rate, the grid's records and the runs."""
-    grid = []
+    other seeds at the chosen rate. Returns the trainable parameters, the rate, the grid's records (by rate) and the
+    runs. edge_rates (larger than the grid's) are tried in order, seed 0 again, for as long as the largest rate run
+    so far is the best. done, a stored entry of grid_entry's, lends the runs it already has: only missing rates run,
+    and seeds 1, 2 only where the chosen rate changed."""
+    done = done or {}
+    grid, trainable = {record["lr"]: record for record in done.get("grid", [])}, done.get("trainable")
+
+    def seed0(lr):
+        nonlocal trainable
+        t = time.perf_counter()
+        trainable, grid[lr] = run(lr, SEEDS[0])
+        log(name, grid[lr], time.perf_counter() - t)
+
     for lr in lr_grid:
-        t = time.perf_counter()
-        trainable, record = run(lr, SEEDS[0])
-        grid.append(record)
-        log(name, record, time.perf_counter() - t)
-    lr = choose_lr(grid)
-    runs = [next(record for record in grid if record["lr"] == lr)]  # seed 0 at the chosen rate is already done
-    for seed in SEEDS[1:]:
-        t = time.perf_counter()
-        runs.append(run(lr, seed)[1])
-        log(name, runs[-1], time.perf_counter() - t)
-    return trainable, lr, grid, runs
+        if lr not in grid:
+            seed0(lr)
+    for edge in edge_rates:
+        if choose_lr(list(grid.values())) != max(grid):
+            break
+        if edge not in grid:
+            seed0(edge)
+    lr = choose_lr(list(grid.values()))
+    if done.get("lr") == lr:
+        runs = done["runs"]
+    else:
+        runs = [grid[lr]]  # seed 0 at the chosen rate is already done
+        for seed in SEEDS[1:]:
+            t = time.perf_counter()
+            runs.append(run(lr, seed)[1])
+            log(name, runs[-1], time.perf_counter() - t)
+    return trainable, lr, [grid[r] for r in sorted(grid)], runs
 
 
-def grid_entry(name, spec, run, lr_grid):
+def grid_entry(name, spec, run, lr_grid, edge_rates=(), done=None):
     """A configuration's entry under GRID_LR_RULE (grid_then_seeds): the keys of its spec, then the trainable
     parameters, the chosen rate, the grid's records and the runs at that rate."""
-    trainable, lr, grid, runs = grid_then_seeds(name, run, lr_grid)
+    trainable, lr, grid, runs = grid_then_seeds(name, run, lr_grid, edge_rates, done)
     return {**spec, "trainable": trainable, "lr": lr, "grid": grid, "runs": runs}
 
 
