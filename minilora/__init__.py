@@ -21,7 +21,8 @@ from minilora.methods.adalora import AdaLoraConfig, AdaLoraLayer, orthogonal_pen
 from minilora.methods.adalora_budget import RankAllocator, budget_at, prune
 from minilora.methods.hyper import AlignmentAdapter, AlignmentConfig
 from minilora.methods.hyperformer import TaskHyperAdapter, TaskHyperConfig
-from minilora.methods.mixture import Router, RouterConfig, mean_pooled_embedder
+from minilora.methods.mixture import Mixture
+from minilora.methods.router import MeanPooledEmbedder, Router, RouterConfig
 from minilora.methods.ia3 import IA3Config, IA3Layer
 from minilora.methods.lora import LoraConfig, LoraLayer
 from minilora.methods.nf4 import NF4Tensor, dequantize, quantize
@@ -47,8 +48,8 @@ __all__ = [
     "AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "orthogonal_penalty", "budget_at", "prune",
     # hypernetwork adapters (encoder-decoder)
     "AlignmentAdapter", "AlignmentConfig", "TaskHyperAdapter", "TaskHyperConfig",
-    # token-level mixture of LoRA experts: the router
-    "Router", "RouterConfig", "mean_pooled_embedder",
+    # token-level mixture of LoRA experts: the router and the mixing
+    "Router", "RouterConfig", "MeanPooledEmbedder", "Mixture",
     # QLoRA / NF4
     "NF4Tensor", "quantize", "dequantize", "Linear4bit", "LoraLinear4bit", "quantize_model", "dequantize_model",
     # training

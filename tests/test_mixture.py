@@ -1,151 +1,246 @@
-"""The token-level mixture's router (methods/mixture.py): LoRA-TLE's rule written out as the original code runs it
-(a Python list, the index of the largest score, that one score times T, a softmax), the other rules from their
-equations in float64, centroids, the base model's mean-pooled embeddings, and the errors."""
+"""The token-level mixture (methods/mixture.py) against a slow reference written here: for every generated token,
+a copy of the plain base with every adapted weight re-merged, W + sum_i w_i s_i B_i A_i (exact) or
+W + (sum_j B_j)(sum_i w_i s_i A_i) (faithful, the original's linear combination), all in float64 so that
+anything but summation order would show far above 1e-10. Adapters of different ranks and targets, batches of
+left-padded prompts, the three granularities, the KV cache against the original's re-run of the whole text, files
+in peft's format, and the errors."""
 
-import math
+import copy
 
 import pytest
 import torch
 
 import minilora as ml
-from minilora.methods.mixture import Router, RouterConfig, mean_pooled_embedder
+from minilora.inject import adapter_layers, disable_adapters, inject
+from minilora.io import load_adapter, save_adapter
+from minilora.methods.lora import LoraConfig
+from minilora.methods.router import MeanPooledEmbedder, Router, RouterConfig
+
+from adapters import randomize_adapters, tiny_decoder
+
+# adapters of three ranks over overlapping target sets; "c" skips attention, "a" the MLP
+ADAPTERS = {"a": LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"]),
+            "b": LoraConfig(r=3, alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+            "c": LoraConfig(r=4, alpha=2, target_modules=["gate_proj", "up_proj", "down_proj"])}
+SAME_RANK = {n: LoraConfig(r=3, alpha=c.alpha, target_modules=c.target_modules) for n, c in ADAPTERS.items()}
 
 
-def cosine(x, c):
-    return sum(a * b for a, b in zip(x, c)) / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in c)))
+def setup(configs=ADAPTERS, seed=0):
+    """(plain base, the base with the adapters, an embedder with a model of its own, a router over the adapters)."""
+    torch.manual_seed(seed)
+    base = tiny_decoder().double()
+    model = copy.deepcopy(base)
+    for i, (name, cfg) in enumerate(configs.items()):
+        inject(model, cfg, name)
+        randomize_adapters(model, name, seed=10 + i, std=0.3)
+    torch.manual_seed(seed + 1)
+    embed_lm = tiny_decoder().double()
+    embedder = MeanPooledEmbedder(embed_lm, tokenizer=None)
+    centroids = torch.stack([embedder.start(torch.randint(3, 64, (1, 6)))[0] for _ in configs])
+    router = Router(centroids, list(configs), RouterConfig(rule="temperature", temperature=0.02))
+    return base, model.eval(), embedder, router
 
 
-def softmax(v):
-    e = [math.exp(a - max(v)) for a in v]
-    return [a / sum(e) for a in e]
+def lora_tensors(model, names):
+    """{layer name: [(adapter index, A, B, s), ...]} read from the injected model."""
+    out = {}
+    for lname, layer in model.named_modules():
+        if hasattr(layer, "lora_A"):
+            out[lname] = [(i, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
+                          for i, n in enumerate(names) if n in layer.lora_A]
+    return out
 
 
-def original_rule(x, centroids, T):
-    """LoRA-TLE's similarity(): the scores in a list, the largest one multiplied by T, a softmax."""
-    scores = [cosine(x, c) for c in centroids]
-    scores[scores.index(max(scores))] *= T
-    return softmax(scores)
+def merged(base, tensors, w, mode):
+    """A copy of the plain base whose adapted weights are re-merged for the weights w (n,)."""
+    m = copy.deepcopy(base)
+    for lname, present in tensors.items():
+        if mode == "exact":
+            delta = sum(w[i] * s * B @ A for i, A, B, s in present)
+        else:
+            delta = sum(B for _, _, B, _ in present) @ sum(w[i] * s * A for i, A, _, s in present)
+        m.get_submodule(lname).weight.data += delta
+    return m
 
 
-def random_router(seed=0, n=4, dim=6, **config):
-    g = torch.Generator().manual_seed(seed)
-    return Router(torch.randn(n, dim, generator=g, dtype=torch.float64), [f"t{i}" for i in range(n)],
-                  RouterConfig(**config)), torch.randn(5, dim, generator=g, dtype=torch.float64)
+def mean_embedding(lm, ids):
+    seen = {}
+    hook = lm.model.norm.register_forward_hook(lambda m, a, o: seen.update(h=o))
+    lm(torch.tensor([ids]))
+    hook.remove()
+    return seen["h"][0].mean(0, keepdim=True)
 
 
-@pytest.mark.parametrize("T", [4.0, 1.5])
-def test_top_scaled_rule_is_the_original_code(T):
-    router, x = random_router(temperature=T)
-    x = torch.cat([x, -router.centroids.sum(0, keepdim=True)])  # a text whose every similarity is negative
-    C = router.centroids.tolist()
-    assert max(cosine(x[-1].tolist(), c) for c in C) < 0  # there the top score times T gets smaller, as in the original
-    want = torch.tensor([original_rule(row, C, T) for row in x.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(router(x), want, rtol=0, atol=1e-12)
+@torch.no_grad()
+def reference_generate(base, tensors, router, embed_lm, prompt, n_new, every, mode, cache):
+    """One prompt, token by token: route from the whole text so far, re-merge, and either feed the new token with
+    the cache of the earlier merges (cache=True) or re-run the whole text with this merge (the original)."""
+    ids, past, w, weights = list(prompt), None, None, []
+    for step in range(n_new):
+        if step == 0 or (every is not None and step % every == 0):
+            w = router(mean_embedding(embed_lm, ids))[0]
+        weights.append(w)
+        m = merged(base, tensors, w, mode)
+        if cache:
+            fed = past[0][0].shape[2] if past is not None else 0
+            out = m(torch.tensor([ids[fed:]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        else:
+            out = m(torch.tensor([ids]))
+        ids.append(int(out.logits[0, -1].argmax()))
+    return ids, torch.stack(weights)
 
 
-def test_similarities_and_the_temperature_rule():
-    router, x = random_router(rule="temperature", temperature=0.5)
-    C = router.centroids.tolist()
-    sims = torch.tensor([[cosine(r, c) for c in C] for r in x.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(router.similarities(x), sims, rtol=0, atol=1e-12)
-    want = torch.tensor([softmax([s / 0.5 for s in row]) for row in sims.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(router(x), want, rtol=0, atol=1e-12)
+PROMPTS = [[1, 5, 9, 14, 3, 22, 40], [1, 7, 2, 33]]
 
 
-@pytest.mark.parametrize("rule", ["top_scaled", "temperature"])
-def test_top_k_keeps_the_k_most_similar_tasks_renormalised(rule):
-    full, x = random_router(rule=rule)
-    router, _ = random_router(rule=rule, top_k=2)
-    w, w_all = router(x), full(x)
-    sims = full.similarities(x)
-    for row, row_all, s in zip(w, w_all, sims):
-        kept = set(s.argsort(descending=True)[:2].tolist())
-        assert {i for i, v in enumerate(row.tolist()) if v > 0} == kept
-        torch.testing.assert_close(row[list(kept)], row_all[list(kept)] / row_all[list(kept)].sum(), rtol=0, atol=1e-12)
-    one, _ = random_router(top_k=1)
-    assert torch.equal(one(x), torch.nn.functional.one_hot(sims.argmax(-1), 4).to(x.dtype))
+def left_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    return ids, (ids != 0).long()  # no prompt holds id 0
 
 
-def test_centroids_are_the_mean_embedding_of_each_tasks_texts():
-    table = {"a": [1.0, 0.0], "b": [0.0, 2.0], "c": [3.0, 1.0], "d": [1.0, 1.0]}
-    embed = lambda texts: torch.tensor([table[t] for t in texts])
-    router = Router.from_examples(embed, {"x": ["a", "b"], "y": ["c", "d", "d"]})
-    assert router.tasks == ["x", "y"]
-    torch.testing.assert_close(router.centroids, torch.tensor([[0.5, 1.0], [5 / 3, 1.0]]))
+@pytest.mark.parametrize("mode, configs", [("exact", ADAPTERS), ("faithful", SAME_RANK)])
+@pytest.mark.parametrize("every", [1, 2, None])
+@pytest.mark.parametrize("cache", [True, False])
+def test_generation_equals_the_reference_loop(mode, configs, every, cache):
+    base, model, embedder, router = setup(configs)
+    names = list(configs)
+    ids, mask = left_padded(PROMPTS)
+    with ml.Mixture(model, names, mode=mode) as mix:
+        out = mix.generate(router, embedder, ids, 6, attention_mask=mask, every=every, use_cache=cache, eos_token_id=-1)
+    tensors = lora_tensors(model, names)
+    for row, prompt in enumerate(PROMPTS):
+        want, w = reference_generate(base, tensors, router, embedder.lm, prompt, 6, every, mode, cache)
+        assert out[row, ids.shape[1] - len(prompt):].tolist() == want
+        torch.testing.assert_close(mix.history[row], w, rtol=0, atol=1e-10)
+    changes = (mix.history[:, 1:] - mix.history[:, :-1]).abs().amax(-1)  # (B, steps - 1)
+    if every is None:
+        assert changes.max() == 0
+    else:
+        assert changes.max() > 1e-3  # the weights do move with the text, so a wrong schedule would show
+        if every == 2:
+            assert changes[:, ::2].max() == 0  # steps 1, 3, 5 keep the weights of steps 0, 2, 4
 
 
-class CharTokenizer:
-    """Characters as token ids (what the embedder needs of a tokenizer: encode and pad_id), no data files."""
-    pad_id, bos_id = 0, 1
-
-    def encode(self, text, add_bos=False):
-        return [self.bos_id] * add_bos + [3 + ord(c) % 500 for c in text]
-
-
-def test_mean_pooled_embeddings_ignore_padding_and_batching():
-    torch.manual_seed(0)
-    model = ml.DecoderLM(ml.get_config("decoder-tiny", vocab_size=1331)).double().eval()
-    tok = CharTokenizer()
-    texts = ["What is seven plus eight?", "The plonk is small.", "Write the number in words: 914"]
-    embed = mean_pooled_embedder(model, tok, batch_size=2)
-    batched = embed(texts)
-    for i, text in enumerate(texts):  # alone, no padding: the mean of the final norm's output over its tokens
-        seen = {}
-        hook = model.model.norm.register_forward_hook(lambda m, a, o: seen.update(h=o))
-        with torch.no_grad():
-            model(torch.tensor([tok.encode(text, add_bos=True)]))
+@pytest.mark.parametrize("mode, configs", [("exact", ADAPTERS), ("faithful", SAME_RANK)])
+def test_cached_logits_equal_an_uncached_pass_with_each_positions_weights(mode, configs):
+    base, model, embedder, router = setup(configs)
+    ids, mask = left_padded(PROMPTS)
+    steps = []
+    hook = model.register_forward_hook(lambda m, a, o: steps.append(o.logits[:, -1]))
+    with ml.Mixture(model, list(configs), mode=mode) as mix:
+        out = mix.generate(router, embedder, ids, 5, attention_mask=mask, eos_token_id=-1)
         hook.remove()
-        torch.testing.assert_close(batched[i], seen["h"][0].mean(0), rtol=0, atol=1e-10)
-    assert not model.model.norm._forward_hooks  # the embedder leaves no hook behind
+        w = mix.position_weights()
+        assert w.shape == (2, out.shape[1] - 1, 3)
+        mix.set_weights(w)
+        with torch.no_grad():
+            full = model(out[:, :-1], attention_mask=torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)).logits
+    T = ids.shape[1]
+    torch.testing.assert_close(full[:, T - 1:], torch.stack(steps, 1), rtol=0, atol=1e-10)
+    with torch.no_grad():  # the newest weights on every position (the original's re-run) give other logits
+        with ml.Mixture(model, list(configs), mode=mode) as mix:
+            mix.set_weights(w[:, -1])
+            latest = model(out[:, :-1], attention_mask=torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)).logits
+    assert (latest[:, T - 1] - full[:, T - 1]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rule": "linear"}, "rule must be one of"), ({"temperature": 0}, "temperature must be a positive"),
-    ({"top_k": 0}, "top_k must be None or a positive"),
-])
-def test_router_config_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        RouterConfig(**kwargs)
+def test_per_example_weights_in_one_batch_equal_each_example_alone():
+    base, model, _, _ = setup()
+    x = torch.randint(3, 64, (3, 9))
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [-0.4, 1.5, 0.9]], dtype=torch.float64)
+    tensors = lora_tensors(model, list(ADAPTERS))
+    with torch.no_grad(), ml.Mixture(model, list(ADAPTERS)) as mix:
+        mix.set_weights(w)
+        got = model(x).logits
+    for i in range(3):
+        want = merged(base, tensors, w[i], "exact")(x[i:i + 1]).logits[0]
+        torch.testing.assert_close(got[i], want.detach(), rtol=0, atol=1e-10)
+    with torch.no_grad():  # a one-hot row is that adapter alone, as set_adapter runs it
+        ml.set_adapter(model, "a")
+        torch.testing.assert_close(got[0], model(x[:1]).logits[0], rtol=0, atol=1e-10)
 
 
-def test_router_errors_name_the_fix():
-    with pytest.raises(ValueError, match="at least one task"):
-        Router(torch.zeros(0, 4), [])
-    with pytest.raises(ValueError, match="one row per task"):
-        Router(torch.zeros(3, 4), ["a", "b"])
-    with pytest.raises(ValueError, match="distinct"):
-        Router(torch.zeros(2, 4), ["a", "a"])
-    with pytest.raises(ValueError, match="more than the 2 tasks"):
-        Router(torch.zeros(2, 4), ["a", "b"], RouterConfig(top_k=3))
-    with pytest.raises(ValueError, match="at least one example text"):
-        Router.from_examples(lambda t: torch.zeros(len(t), 4), {"a": ["x"], "b": []})
-    with pytest.raises(ValueError, match="at least one example text"):
-        Router.from_examples(lambda t: torch.zeros(len(t), 4), {})
-    router, _ = random_router(dim=6)
-    with pytest.raises(ValueError, match=r"\(batch, 6\), the centroids' size; got \(2, 5\)"):
-        router(torch.zeros(2, 5, dtype=torch.float64))
+def test_faithful_mode_holds_the_cross_terms():
+    base, model, _, _ = setup(SAME_RANK)
+    x = torch.randint(3, 64, (1, 8))
+    w = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    outs = {}
+    for mode in ("exact", "faithful"):
+        with torch.no_grad(), ml.Mixture(model, list(SAME_RANK), mode=mode) as mix:
+            mix.set_weights(w)
+            outs[mode] = model(x).logits
+        want = merged(base, lora_tensors(model, list(SAME_RANK)), w[0], mode)(x).logits
+        torch.testing.assert_close(outs[mode], want.detach(), rtol=0, atol=1e-10)
+    assert (outs["exact"] - outs["faithful"]).abs().max() > 1e-3
 
 
-def test_top_k_of_every_task_is_the_plain_rule_and_configs_reach_the_router():
-    full, x = random_router()
-    every, _ = random_router(top_k=4)
-    torch.testing.assert_close(every(x), full(x), rtol=0, atol=0)
-    embed = lambda texts: torch.tensor([[1.0, float(len(t))] for t in texts])
-    router = Router.from_examples(embed, {"a": ["x"], "b": ["xyz"]}, RouterConfig(rule="temperature", temperature=2.0))
-    assert router.config.rule == "temperature" and router.config.temperature == 2.0
+def test_the_mixture_leaves_the_model_as_it_found_it_and_respects_disable_adapters():
+    base, model, embedder, router = setup()
+    ml.set_adapter(model, ["b", "c"])
+    pre_hooks = dict(model._forward_pre_hooks)
+    x = torch.randint(3, 64, (2, 5))
+    with torch.no_grad():
+        before = model(x).logits
+        with ml.Mixture(model, list(ADAPTERS)) as mix:
+            mix.set_weights(torch.full((2, 3), 1 / 3, dtype=torch.float64))
+            with disable_adapters(model):
+                torch.testing.assert_close(model(x).logits, base(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+    assert model._forward_pre_hooks == pre_hooks
+    assert all(not m._forward_hooks for name, m in model.named_modules() if name)  # the layers' hooks are gone
+    assert [layer.active_adapters for layer in adapter_layers(model).values()][0] == ["b"]  # q_proj: b only
 
 
-def test_float32_embeddings_against_float64_centroids():
-    router, x = random_router()
-    w = router(x.float())
-    assert w.dtype == torch.float32
-    torch.testing.assert_close(w, router(x).float(), rtol=0, atol=1e-6)
+def test_mixing_adapters_loaded_from_peft_format_files(tmp_path):
+    base, model, embedder, router = setup()
+    for name in ADAPTERS:
+        save_adapter(model, str(tmp_path / name), adapter_name=name)
+    loaded = copy.deepcopy(base)
+    for name in ADAPTERS:
+        load_adapter(loaded, str(tmp_path / name), adapter_name=name)
+    ids, mask = left_padded(PROMPTS)
+    outs = []
+    for m in (model, loaded.eval()):
+        with ml.Mixture(m, list(ADAPTERS)) as mix:
+            outs.append((mix.generate(router, embedder, ids, 4, attention_mask=mask, eos_token_id=-1), mix.history))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
 
 
-def test_a_task_that_is_never_the_top_keeps_its_unscaled_score():
-    """Every text closest to the first task: only that score is scaled, whatever the other tasks are."""
-    centroids = torch.eye(3, dtype=torch.float64)
-    router = Router(centroids, ["a", "b", "c"])
-    x = torch.tensor([[1.0, 0.2, 0.1], [0.9, 0.0, 0.3]], dtype=torch.float64)
-    want = torch.tensor([original_rule(r, centroids.tolist(), 4.0) for r in x.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(router(x), want, rtol=0, atol=1e-12)
+def test_bad_input_gets_clear_errors():
+    base, model, embedder, router = setup()
+    with pytest.raises(ValueError, match="at least one adapter"):
+        ml.Mixture(model, [])
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['d'\]"):
+        ml.Mixture(model, ["a", "d"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ml.Mixture(model, ["a"], mode="linear")
+    with pytest.raises(ValueError, match="faithful mode sums the A and B matrices, which needs one rank"):
+        ml.Mixture(model, ["a", "b"], mode="faithful")
+    inject(model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
+    with pytest.raises(ValueError, match=r"adapters \['dora'\] are not plain LoRA"):
+        ml.Mixture(model, ["a", "dora"])
+    mix = ml.Mixture(model, list(ADAPTERS))
+    with pytest.raises(ValueError, match=r"weights must be \(batch, 3\) or \(batch, seq_len, 3\)"):
+        mix.set_weights(torch.ones(2, 2))
+    ids = torch.randint(3, 64, (2, 5))
+    with pytest.raises(RuntimeError, match=r"inside `with mixture:`"):
+        mix.generate(router, embedder, ids, 2)
+    with mix, torch.no_grad():
+        with pytest.raises(RuntimeError, match="has no weights"):
+            model(ids)
+        mix.set_weights(torch.ones(2, 4, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"per-position weights \(2, 4, 3\) do not match the input \(2, 5\)"):
+            model(ids)
+        with pytest.raises(ValueError, match="the router's tasks"):
+            mix.generate(Router(router.centroids[[1, 0, 2]], ["b", "a", "c"]), embedder, ids, 2)
+        small = Router(torch.randn(3, 7, dtype=torch.float64), list(ADAPTERS))
+        with pytest.raises(ValueError, match="the embedder gives 32-d embeddings but the router's centroids are 7-d"):
+            mix.generate(small, embedder, ids, 2)
+        with pytest.raises(ValueError, match="every must be None"):
+            mix.generate(router, embedder, ids, 2, every=0)
+        with pytest.raises(ValueError, match=r"the prompt \(30 tokens\) plus max_new_tokens=4 exceeds the model's "
+                                             r"context of 32; shorten the prompt"):
+            mix.generate(router, embedder, torch.randint(3, 64, (1, 30)), 4)

@@ -1,117 +1,176 @@
-"""Token-level mixture of LoRA experts (LoRA-TLE, jb-01/LoRA-TLE, arXiv 2311.10847): the router.
+"""Token-level mixture of LoRA experts (LoRA-TLE, jb-01/LoRA-TLE, arXiv 2311.10847): mixing and generation.
 
-The router compares the text so far with each task and turns the similarities into mixing weights:
-1. each task's centroid c_i is the mean embedding of its formatted training examples, answers included;
-2. the text's embedding e is compared with every centroid by cosine similarity, s_i = e·c_i / (|e| |c_i|);
-3. the similarities become weights w = softmax(f(s)), with f one of
-   - "top_scaled" (LoRA-TLE's rule): the largest similarity alone multiplied by T (T = 4 in the original), the
-     others left as they are. As in the original, a negative top score multiplied by T gets smaller, not larger;
-   - "temperature": every similarity divided by T;
-   and optionally only the top_k most similar tasks kept (the others get weight 0, the kept ones are renormalised).
-Embeddings come from any function of a list of texts; `mean_pooled_embedder` gives the base model's own: the mean of
-its final hidden states (after the last norm) over the real tokens.
+The router (router.py) gives every row of a batch weights w_1..w_n over n LoRA adapters. Two ways to apply them:
 
-Still to come (issue "Token-level mixture of LoRA experts"): the activation-space mixing of the adapters with the KV
-cache, the faithful mode with the original's cross terms, generation at prompt, token and every-n-th-token
-granularity, and lesson 07.
+- "exact", in activation space: every LoRA layer computes
+
+      y = W x + sum_i w_i s_i B_i (A_i x),
+
+  the weighted sum of the adapters' own updates. All adapters' A_i are stacked into one (sum r_i, in) matrix and
+  all B_i into one (out, sum r_i) matrix, so the whole mixture is two GEMMs for the batch, like one adapter of
+  rank sum r_i, with the weights applied to the r_i columns of adapter i in between. No weight matrix is built
+  per token, adapters of different ranks simply take different widths, and a layer only stacks the adapters
+  it holds (one that a task adapter skips gets no update there).
+- "faithful", what the original does with peft's old `add_weighted_adapter(combination_type="linear")`:
+  A = sum_i w_i s_i A_i, B = sum_j B_j, scale 1, so
+
+      y = W x + (sum_j B_j)(sum_i w_i s_i A_i x),
+
+  which holds the cross terms B_j A_i (j != i) and is not sum_i w_i Delta W_i. As in peft, all ranks must match.
+
+Weights are (B, n), one set for every position of a row, or (B, T, n), one per position.
+
+Generation with the KV cache: each position's keys and values are computed once, by the forward that feeds it,
+with the weights routed at that step. Later steps only append, so the cache stays valid as the weights change;
+an uncached pass over the finished text with the same per-position weights (`position_weights()`) gives the
+same logits (tested). The original instead re-runs the whole text with the newest weights at every token;
+`generate(..., use_cache=False)` does that, at O(T^2) cost.
+
+    mix = Mixture(model, router.tasks)           # the adapters, in the router's order
+    with mix:                                    # the adapters' own forward is off inside the block
+        ids = mix.generate(router, embedder, prompt_ids, 16, attention_mask=mask, every=1)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-RULES = ("top_scaled", "temperature")
+from .lora import LoraConfig, LoraLayer
 
-
-@dataclass
-class RouterConfig:
-    rule: str = "top_scaled"  # "top_scaled" (the largest similarity times T) or "temperature" (every one divided by T)
-    temperature: float = 4.0  # T
-    top_k: int | None = None  # keep only the k most similar tasks (None: all)
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}.")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or a positive integer, got {self.top_k!r}.")
+MODES = ("exact", "faithful")
 
 
-class Router(nn.Module):
-    """Task centroids (n_tasks, dim) and the rule that turns a text's similarities to them into mixing weights."""
+class Mixture:
+    """Adapters `names` of `model` mixed with per-row (or per-position) weights in every LoRA layer holding them."""
 
-    def __init__(self, centroids: torch.Tensor, tasks: list[str], config: RouterConfig | None = None):
-        super().__init__()
-        tasks = list(tasks)
-        if not tasks:
-            raise ValueError("the router needs at least one task (an empty task set has nothing to route to).")
-        if centroids.dim() != 2 or centroids.shape[0] != len(tasks):
-            raise ValueError(f"centroids must be (n_tasks, dim) with one row per task ({len(tasks)}), got "
-                             f"{tuple(centroids.shape)}.")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"task names must be distinct, got {tasks}.")
-        self.config = config or RouterConfig()
-        if self.config.top_k is not None and self.config.top_k > len(tasks):
-            raise ValueError(f"top_k={self.config.top_k} is more than the {len(tasks)} tasks.")
-        self.tasks = tasks
-        self.register_buffer("centroids", centroids.detach().clone())
+    def __init__(self, model: nn.Module, names: list[str], mode: str = "exact"):
+        names, configs = list(names), getattr(model, "adapter_configs", {})
+        if not names:
+            raise ValueError("a mixture needs at least one adapter (an empty task set has nothing to mix).")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(configs)}. Load them first "
+                             "(load_adapter(model, path, adapter_name=...)).")
+        bad = [n for n in names if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
+               or configs[n].lora_bias or configs[n].modules_to_save]
+        if bad:
+            raise ValueError(f"adapters {bad} are not plain LoRA (DoRA, lora_bias or modules_to_save); the mixture "
+                             "adds weighted B A updates only.")
+        if mode == "faithful" and len({configs[n].r for n in names}) > 1:  # peft's "linear" refuses too
+            raise ValueError(f"faithful mode sums the A and B matrices, which needs one rank; got "
+                             f"{ {n: configs[n].r for n in names} }. Use mode='exact', which mixes any ranks.")
+        self.model, self.names, self.mode = model, names, mode
+        self.layers = {k: m for k, m in model.named_modules() if isinstance(m, LoraLayer) and set(names) & set(m.lora_A)}
+        self.weights: torch.Tensor | None = None  # (B, n) or (B, T, n)
+        self.history: torch.Tensor | None = None  # after generate: (B, steps, n), the weights of each step
+        self._handles, self._active, self._packed = [], {}, {}
+        self._route = None  # set by generate: how the next forward chooses its weights
 
-    @classmethod
-    def from_examples(cls, embed, texts: dict[str, list[str]], config: RouterConfig | None = None) -> "Router":
-        """Centroids from each task's texts: `embed(list of texts) -> (n, dim)`, averaged per task."""
-        empty = [t for t, v in texts.items() if not v]
-        if not texts or empty:
-            raise ValueError(f"every task needs at least one example text; empty: {empty or 'all (no tasks)'}.")
-        return cls(torch.stack([embed(list(v)).mean(0) for v in texts.values()]), list(texts), config)
+    # ------------------------------------------------------------------ entering and leaving
+    def __enter__(self) -> "Mixture":
+        if any(m.merged for m in self.layers.values()):
+            raise ValueError("a mixture cannot run over merged adapters; call unmerge(model) first.")
+        for key, layer in self.layers.items():
+            self._active[key] = layer.active_adapters
+            layer.active_adapters = []  # the layer computes W x alone; the hook adds the mixture
+            self._packed[layer] = self._pack(layer)
+            self._handles.append(layer.register_forward_hook(self._hook))
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        return self
 
-    def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each embedding (B, dim) with each centroid -> (B, n_tasks)."""
-        if embeddings.dim() != 2 or embeddings.shape[-1] != self.centroids.shape[-1]:
-            raise ValueError(f"embeddings must be (batch, {self.centroids.shape[-1]}), the centroids' size; got "
-                             f"{tuple(embeddings.shape)}. Use the embedder the router was built with.")
-        c = self.centroids.to(embeddings.dtype)
-        return F.normalize(embeddings, dim=-1) @ F.normalize(c, dim=-1).T
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for key, layer in self.layers.items():
+            layer.active_adapters = self._active[key]
+        self._handles, self._active, self._packed = [], {}, {}
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Mixing weights (B, n_tasks), each row summing to 1."""
-        s = self.similarities(embeddings)
-        T = self.config.temperature
-        if self.config.rule == "top_scaled":
-            top = F.one_hot(s.argmax(-1), s.shape[-1]).bool()
-            logits = torch.where(top, s * T, s)
+    def _pack(self, layer: LoraLayer):
+        """(s_i A_i stacked (R, in), B (out, R) or sum_j B_j (out, r), which weight column each row of A takes)."""
+        present = [(i, n) for i, n in enumerate(self.names) if n in layer.lora_A]
+        A = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for _, n in present])
+        Bs = [layer.lora_B[n].weight for _, n in present]
+        column = torch.cat([torch.full((layer.r[n],), i) for i, n in present]).to(A.device)
+        return A, torch.cat(Bs, dim=1) if self.mode == "exact" else sum(Bs), column
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Fix the weights, (B, n) or (B, T, n) in the order of `names`, for the forwards that follow."""
+        if weights.dim() not in (2, 3) or weights.shape[-1] != len(self.names):
+            raise ValueError(f"weights must be (batch, {len(self.names)}) or (batch, seq_len, {len(self.names)}), one "
+                             f"column per adapter in {self.names}; got {tuple(weights.shape)}.")
+        self.weights, self._route = weights, None
+
+    def _hook(self, layer, args, out):
+        if layer.disabled:
+            return out
+        if self.weights is None:
+            raise RuntimeError("the mixture has no weights; call set_weights(...) or generate(...).")
+        x, w = args[0], self.weights
+        w = w[:, None] if w.dim() == 2 else w  # (B, 1 or T, n)
+        if w.shape[1] not in (1, x.shape[-2]) or w.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"per-position weights {tuple(w.shape)} do not match the input {tuple(x.shape[:-1])}; "
+                             "give one row per example and one set per position (or one for all positions).")
+        A, B, column = self._packed[layer]
+        h = x.to(A.dtype) @ A.T  # (B, T, R): every adapter's A_i x at once
+        if self.mode == "exact":
+            h = h * w[..., column].to(A.dtype)  # adapter i's r_i columns times w_i
+        else:  # sum_i w_i s_i A_i x, then through sum_j B_j
+            n_present = len(column) // B.shape[1]
+            h = (h.unflatten(-1, (n_present, B.shape[1])) * w[..., column[:: B.shape[1]], None].to(A.dtype)).sum(-2)
+        return out + (h @ B.T).to(out.dtype)
+
+    # ------------------------------------------------------------------ generation
+    def _pre_forward(self, model, args, kwargs):
+        if self._route is None:
+            return None
+        ids = args[0] if args else kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        r = self._route
+        if r["seen"] == 0:  # the prompt: route once from it
+            emb = r["embedder"].start(ids, mask)
+            new = ids
         else:
-            logits = s / T
-        if self.config.top_k is not None:
-            # the k most similar tasks (by similarity: a negative top score times T is no longer the largest logit)
-            kept = torch.zeros_like(s, dtype=torch.bool).scatter(-1, s.topk(self.config.top_k).indices, True)
-            logits = logits.masked_fill(~kept, float("-inf"))
-        return torch.softmax(logits, dim=-1)
-
-
-def mean_pooled_embedder(model: nn.Module, tokenizer, batch_size: int = 32):
-    """texts -> (n, d_model): the mean of a decoder's final hidden states (after its last norm) over the real tokens."""
+            new = ids if kwargs.get("past_key_values") is not None else ids[:, r["seen"]:]  # uncached: all again
+            emb = r["embedder"].extend(new) if new.shape[1] else None
+        step = len(r["history"])
+        if step == 0 or (r["every"] is not None and step % r["every"] == 0):
+            r["current"] = r["router"](emb)
+        r["history"].append(r["current"])
+        r["positions"].append(r["current"][:, None].expand(-1, new.shape[1], -1))
+        r["seen"] += new.shape[1]
+        self.weights = r["current"]  # every position this forward feeds gets the newest weights
+        return None
 
     @torch.no_grad()
-    def embed(texts: list[str]) -> torch.Tensor:
-        out, seen = [], {}
-        device = next(model.parameters()).device
-        hook = model.model.norm.register_forward_hook(lambda m, a, o: seen.update(h=o))
+    def generate(self, router, embedder, input_ids: torch.Tensor, max_new_tokens: int, every: int | None = 1,
+                 use_cache: bool = True, **generate_kwargs) -> torch.Tensor:
+        """model.generate with weights routed from the text so far: once from the prompt (every=None), at every
+        generated token (every=1) or at every n-th (every=n; in between the last weights stay)."""
+        if list(router.tasks) != self.names:
+            raise ValueError(f"the router's tasks {router.tasks} must be the mixture's adapters {self.names}, in order.")
+        if getattr(embedder, "dim", router.centroids.shape[1]) != router.centroids.shape[1]:
+            raise ValueError(f"the embedder gives {embedder.dim}-d embeddings but the router's centroids are "
+                             f"{router.centroids.shape[1]}-d; build the router with this embedder.")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be None (prompt-level) or a positive integer, got {every!r}.")
+        if not self._handles:
+            raise RuntimeError("use the mixture inside `with mixture:`.")
+        limit = self.model.config.max_seq_len
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens={max_new_tokens} exceeds "
+                             f"the model's context of {limit}; shorten the prompt or generate fewer tokens.")
+        self._route = {"router": router, "embedder": embedder, "every": every, "seen": 0, "history": [],
+                       "positions": [], "current": None}
         try:
-            for i in range(0, len(texts), batch_size):
-                ids = [tokenizer.encode(t, add_bos=True) for t in texts[i:i + batch_size]]
-                width = max(map(len, ids))
-                x = torch.tensor([r + [tokenizer.pad_id] * (width - len(r)) for r in ids], device=device)
-                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=device)
-                model(x, attention_mask=mask)  # right padding: the real tokens see what they would alone
-                m = mask[..., None].to(seen["h"].dtype)
-                out.append((seen["h"] * m).sum(1) / m.sum(1))
+            return self.model.generate(input_ids, max_new_tokens, use_cache=use_cache, **generate_kwargs)
         finally:
-            hook.remove()
-        return torch.cat(out)
+            self.history = torch.stack(self._route["history"], dim=1)  # (B, steps, n): the weights of each step
+            self._positions = torch.cat(self._route["positions"], dim=1)  # (B, T, n)
+            self._route = None
 
-    return embed
+    def position_weights(self) -> torch.Tensor:
+        """(B, T, n): the weights each position of the last generation was computed with (with the KV cache)."""
+        return self._positions
