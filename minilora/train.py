@@ -301,8 +301,11 @@ def evaluate(model, rows: list[dict], batch_size: int = 32, pad_id: int = 0) -> 
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
-    """Greedy answers for instruction examples (decoder: continue the prompt; seq2seq: decode from the prompt)."""
+def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32,
+                     generate=None) -> list[str]:
+    """Greedy answers for instruction examples (decoder: continue the prompt; seq2seq: decode from the prompt).
+    `generate(input_ids, max_new_tokens, attention_mask=..., eos_token_id=...)` replaces model.generate, e.g. a
+    mixture's (methods/mixture.py)."""
     from minilora.tasks import format_prompt
 
     seq2seq = _is_seq2seq(model)
@@ -316,7 +319,7 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch
         prompts = [tokenizer.encode(format_prompt(ex), add_bos=not seq2seq, add_eos=seq2seq) for ex in chunk]
         batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_id, left_pad=not seq2seq)
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = model.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=mask, eos_token_id=tokenizer.eos_id)
+        out = (generate or model.generate)(input_ids, max_new_tokens, attention_mask=mask, eos_token_id=tokenizer.eos_id)
         new = out[:, 1:] if seq2seq else out[:, input_ids.shape[1]:]  # drop decoder_start / the prompt
         for row in new.tolist():
             if tokenizer.eos_id in row:
@@ -326,9 +329,9 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 24, batch
     return answers
 
 
-def exact_match(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32) -> float:
+def exact_match(model, tokenizer, examples, max_new_tokens: int = 24, batch_size: int = 32, generate=None) -> float:
     """Fraction of examples whose greedy answer equals the reference output exactly (after strip)."""
     examples = list(examples)
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, generate)
     hits = sum(a == ex["output"].strip() for a, ex in zip(answers, examples))
     return hits / max(1, len(examples))
