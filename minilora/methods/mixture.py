@@ -66,7 +66,7 @@ class Mixture:
         self.layers = {k: m for k, m in model.named_modules() if isinstance(m, LoraLayer) and set(names) & set(m.lora_A)}
         self.weights: torch.Tensor | None = None  # (B, n) or (B, T, n)
         self.history: torch.Tensor | None = None  # after generate: (B, steps, n), the weights of each step
-        self._handles, self._active, self._packed = [], {}, {}
+        self._handles, self._active, self._packed, self._columns, self._gathered = [], {}, {}, {}, {}
         self._route = None  # set by generate: how the next forward chooses its weights
 
     # ------------------------------------------------------------------ entering and leaving
@@ -86,7 +86,7 @@ class Mixture:
             h.remove()
         for key, layer in self.layers.items():
             layer.active_adapters = self._active[key]
-        self._handles, self._active, self._packed = [], {}, {}
+        self._handles, self._active, self._packed, self._columns = [], {}, {}, {}
 
     def _pack(self, layer: LoraLayer):
         """(s_i A_i stacked (R, in), B (out, R) or sum_j B_j (out, r), which weight column each row of A takes)."""
@@ -94,6 +94,7 @@ class Mixture:
         A = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for _, n in present])
         Bs = [layer.lora_B[n].weight for _, n in present]
         column = torch.cat([torch.full((layer.r[n],), i) for i, n in present]).to(A.device)
+        column = self._columns.setdefault((tuple(column.tolist()), column.device), column)  # one per pattern
         return A, torch.cat(Bs, dim=1) if self.mode == "exact" else sum(Bs), column
 
     def set_weights(self, weights: torch.Tensor) -> None:
@@ -101,7 +102,11 @@ class Mixture:
         if weights.dim() not in (2, 3) or weights.shape[-1] != len(self.names):
             raise ValueError(f"weights must be (batch, {len(self.names)}) or (batch, seq_len, {len(self.names)}), one "
                              f"column per adapter in {self.names}; got {tuple(weights.shape)}.")
-        self.weights, self._route = weights, None
+        self._use(weights)
+        self._route = None
+
+    def _use(self, weights: torch.Tensor) -> None:
+        self.weights, self._gathered = weights, {}  # each layer pattern's gathered weights, made once per forward
 
     def _hook(self, layer, args, out):
         if layer.disabled:
@@ -114,16 +119,19 @@ class Mixture:
             raise ValueError(f"per-position weights {tuple(w.shape)} do not match the input {tuple(x.shape[:-1])}; "
                              "give one row per example and one set per position (or one for all positions).")
         A, B, column = self._packed[layer]
+        key = (id(column), A.dtype)
+        if key not in self._gathered:  # layers holding the same adapters share one gather per forward
+            self._gathered[key] = (w[..., column] if self.mode == "exact" else w[..., column[:: B.shape[1]], None]).to(A.dtype)
         h = x.to(A.dtype) @ A.T  # (B, T, R): every adapter's A_i x at once
         if self.mode == "exact":
-            h = h * w[..., column].to(A.dtype)  # adapter i's r_i columns times w_i
+            h = h * self._gathered[key]  # adapter i's r_i columns times w_i
         else:  # sum_i w_i s_i A_i x, then through sum_j B_j
-            n_present = len(column) // B.shape[1]
-            h = (h.unflatten(-1, (n_present, B.shape[1])) * w[..., column[:: B.shape[1]], None].to(A.dtype)).sum(-2)
+            h = (h.unflatten(-1, (-1, B.shape[1])) * self._gathered[key]).sum(-2)
         return out + (h @ B.T).to(out.dtype)
 
     # ------------------------------------------------------------------ generation
     def _pre_forward(self, model, args, kwargs):
+        self._gathered = {}  # weights changed in place between two forwards are seen
         if self._route is None:
             return None
         ids = args[0] if args else kwargs["input_ids"]
@@ -141,7 +149,7 @@ class Mixture:
         r["history"].append(r["current"])
         r["positions"].append(r["current"][:, None].expand(-1, new.shape[1], -1))
         r["seen"] += new.shape[1]
-        self.weights = r["current"]  # every position this forward feeds gets the newest weights
+        self._use(r["current"])  # every position this forward feeds gets the newest weights
         return None
 
     @torch.no_grad()
