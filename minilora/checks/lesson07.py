@@ -1,7 +1,10 @@
 """Checkers for lesson 07 (token-level mixture of LoRA experts)'s exercises (the machinery: core.py)."""
 
+import json
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from .core import call, checker, expect_tensor, passed, _generator, _randint
 
@@ -11,6 +14,22 @@ def _adapters(g, n, d_in, d_out, ranks, dtype):
     As = [torch.randn(r, d_in, generator=g, dtype=dtype) / d_in ** 0.5 for r in ranks]
     Bs = [torch.randn(d_out, r, generator=g, dtype=dtype) for r in ranks]
     scalings = [float(_randint(g, 1, 8)) / _randint(g, 1, 4) for _ in range(n)]
+    return As, Bs, scalings
+
+
+def _task_adapters(module: str):
+    """The committed task adapters' A_i, B_i (float64) and s_i at one module of decoder-base."""
+    from minilora.task_adapters import adapter_dir
+    from minilora.tasks import DECODER_TASKS
+
+    As, Bs, scalings = [], [], []
+    for task in DECODER_TASKS:
+        path = adapter_dir(task)
+        config = json.loads((path / "adapter_config.json").read_text())
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        As.append(tensors[f"base_model.model.{module}.lora_A.weight"].double())
+        Bs.append(tensors[f"base_model.model.{module}.lora_B.weight"].double())
+        scalings.append(config["lora_alpha"] / config["r"])
     return As, Bs, scalings
 
 
@@ -113,10 +132,13 @@ def faithful_delta_weight(student_fn, seed: int | None = None) -> None:
         got = call(student_fn, [a.clone() for a in As], [b.clone() for b in Bs], list(scalings), w.clone(),
                    name="faithful_delta_weight", hint=FAITHFUL_HINT)
         expect_tensor(got, want, f"faithful_delta_weight (n={n}, r={r})", mistakes, FAITHFUL_HINT)
-    exact = sum(w[i] * s * b @ a for i, (a, b, s) in enumerate(zip(As, Bs, scalings)))
     passed("faithful_delta_weight is (sum_j B_j)(sum_i w_i s_i A_i), the original's combination.")
-    print(f"  on the last case the cross terms make it {float((want - exact).norm() / exact.norm()):.2f} x ||sum_i "
-          "w_i Delta W_i|| away from the exact mixture.")
+    As, Bs, scalings = _task_adapters("model.layers.0.self_attn.q_proj")
+    w = torch.full((len(As),), 1 / len(As), dtype=torch.float64)
+    got = call(student_fn, As, Bs, scalings, w, name="faithful_delta_weight", hint=FAITHFUL_HINT)
+    exact = sum(w[i] * s * b @ a for i, (a, b, s) in enumerate(zip(As, Bs, scalings)))
+    print(f"  the four task adapters' q_proj of layer 0, equal weights: ||faithful - exact|| / ||exact|| = "
+          f"{float((got - exact).norm() / exact.norm()):.2f}")
 
 
 # ----------------------------------------------------------------------------- 4. each position's weights
