@@ -63,8 +63,9 @@ def weight_norm(W, A, B, scaling, w_sq=None):
     relative. That only matters when the update cancels the row (W_i + s B_i A much shorter than W_i
     and s B_i A): in float32 a row with T_i / n_i^2 = 10^4 would lose 4 of its ~7 digits, while usual DoRA
     training (s B A small beside W) has T_i / n_i^2 close to 1. Rows with T_i > CANCELLATION n_i^2 are
-    therefore recomputed directly, so the error stays within about CANCELLATION eps (checking costs a device
-    sync on a GPU). The result is clamped at 0 before the square root."""
+    therefore recomputed directly, as the plain formula does, whose error is a few eps times sqrt(T_i) / n_i
+    instead of T_i / n_i^2: within about CANCELLATION eps unless the row cancels far more (checking costs a
+    device sync on a GPU). The result is clamped at 0 before the square root."""
     if w_sq is None:
         w_sq = W.square().sum(1)
     WA = F.linear(A, W)  # (r, out) = A W^T
