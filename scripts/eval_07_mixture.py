@@ -7,8 +7,8 @@ Nothing is trained: the four committed task adapters (data/adapters/, LoRA r = 4
 decoder-base) are mixed by the router of minilora/methods/router.py, whose centroids are the mean embeddings of
 the first 200 training examples of each task (prompt and answer, as LoRA-TLE), over the embedder EMBEDDER. Every
 configuration answers the 200 test prompts of each task, 24 new tokens at most, one torch thread; the score is exact
-match. Greedy configurations are deterministic; the sampled ones (temperature 0.9, as the original's pipeline) run
-seeds 0, 1 and 2. Routing accuracy is the share of test prompts whose largest prompt-level weight is their own task,
+match. Greedy configurations are deterministic; the sampled ones (temperature 0.9, top-k 50, top-p 0.9, as the
+original's pipeline on Llama-2) run seeds 0, 1 and 2. Routing accuracy is the share of test prompts whose largest prompt-level weight is their own task,
 for both embedders, and again from the input field alone (no template).
 """
 
@@ -23,7 +23,10 @@ from minilora.task_adapters import BASE, load_task_adapters
 from minilora.tasks import DECODER_TASKS, format_prompt, full_text
 from minilora.train import generate_answers
 
-N_CENTROID, MAX_NEW, SEEDS, TEMPERATURE = 200, 24, (0, 1, 2), 0.9
+N_CENTROID, MAX_NEW, SEEDS = 200, 24, (0, 1, 2)
+# the original samples through a transformers pipeline with temperature=0.9; the rest comes from generate's defaults:
+# top_k = 50 (GenerationConfig's default) and top_p = 0.9 (Llama-2-7b-hf's generation_config.json)
+SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.9}
 # "base": decoder-base's own mean-pooled states; "encoder": the small contrastive encoder (minilora/sentence_encoder.py).
 # Both route every test prompt to its task; the encoder costs a fraction of the base per token, so it is the one used.
 EMBEDDER = "encoder"
@@ -60,8 +63,7 @@ def score(answers, examples):
 
 def run_config(kind, opts, model, tok, router, embedder, tests, seed=None):
     """{task: exact match} for one configuration (and one seed where it samples)."""
-    sample = {"do_sample": True, "temperature": TEMPERATURE, "generator": torch.Generator().manual_seed(seed)} \
-        if opts.get("sample") else {}
+    sample = {"do_sample": True, **SAMPLING, "generator": torch.Generator().manual_seed(seed)} if opts.get("sample") else {}
     if opts.get("top_k"):
         router = ml.Router(router.centroids, router.tasks, ml.RouterConfig(top_k=opts["top_k"]))
     out = {}
@@ -134,7 +136,7 @@ def main():
     out = {"base": BASE, "adapters": "data/adapters/<task> (LoRA r=4, alpha=8, seven linear layers)",
            "tasks": list(DECODER_TASKS), "test_examples": {t: len(v) for t, v in tests.items()},
            "centroid_examples": N_CENTROID, "max_new_tokens": MAX_NEW, "router": vars(router.config),
-           "embedder": EMBEDDER, "sampling": {"temperature": TEMPERATURE, "seeds": list(SEEDS)}, "torch_threads": 1,
+           "embedder": EMBEDDER, "sampling": {**SAMPLING, "seeds": list(SEEDS)}, "torch_threads": 1,
            "torch": torch.__version__, "metric": "exact match on the 200 test examples of each task",
            "routing": routing, "configs": {n: configs[n] for n in CONFIGS if n in configs}}
     sweep.write(args.out, out, todo, start)

@@ -121,6 +121,12 @@ def test_mixed_lora_output_rejects_wrong_answers(wrong, hint):
     fails_with(checks.mixed_lora_output, wrong, hint=hint)
 
 
+def test_mixed_lora_output_rejects_an_answer_that_builds_the_updates():
+    def merged(x, W, As, Bs, scalings, w):  # right values, but every B_i A_i formed as a d_out x d_in matrix
+        return x @ W.T + sum(w[:, i, None, None] * s * (x @ (B @ A).T) for i, (A, B, s) in enumerate(zip(As, Bs, scalings)))
+    fails_with(checks.mixed_lora_output, merged, hint="forms a d_out x d_in matrix")
+
+
 def test_mixed_lora_output_names_the_faithful_mistake():
     """The faithful combination can only be told by name where the ranks match (the second case): the first case's
     general hint comes first, so run the checker where the faithful answer is right on case 1 and wrong on 2."""

@@ -209,6 +209,47 @@ def test_mixing_adapters_loaded_from_peft_format_files(tmp_path):
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
 
 
+def test_a_subset_of_the_adapters_one_weight_row_for_the_batch_and_no_history_before_generating():
+    """Mixing only "a" (which "c"'s MLP layers do not hold) with one row of weights for all three examples equals
+    running "a" alone at that scale."""
+    base, model, _, _ = setup()
+    x = torch.randint(3, 64, (3, 6))
+    mix = ml.Mixture(model, ["a"])
+    assert mix.history is None and set(mix.layers) == {n for n, m in model.named_modules() if hasattr(m, "lora_A")
+                                                       and "a" in m.lora_A}
+    with torch.no_grad(), mix:
+        mix.set_weights(torch.tensor([[0.5]], dtype=torch.float64))
+        got = model(x).logits
+    want = merged(base, lora_tensors(model, ["a"]), torch.tensor([0.5], dtype=torch.float64), "exact")(x).logits
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["exact", "faithful"])
+def test_a_half_precision_base_with_float32_adapters(mode):
+    """As peft keeps them: bf16 base, fp32 adapters. The mixture computes in the adapters' dtype from weights of any
+    float dtype and returns the base's dtype, like the layer's own path for a one-hot mixture."""
+    torch.manual_seed(0)
+    model = tiny_decoder().to(torch.bfloat16)
+    for i, name in enumerate(("a", "b")):
+        inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name)
+        randomize_adapters(model, name, seed=i, std=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        ml.set_adapter(model, "a")
+        layer.fused = False  # the equation path: base result + fp32 update, rounded once
+        want = layer(x)
+        with ml.Mixture(model, ["a", "b"], mode=mode) as mix:
+            mix.set_weights(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+            got = layer(x)
+    assert got.dtype == torch.bfloat16
+    if mode == "exact":
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:  # a one-hot faithful mixture still has b's B on a's A: it is not a alone
+        assert (got.float() - want.float()).abs().max() > 1e-2
+
+
 def test_bad_input_gets_clear_errors():
     base, model, embedder, router = setup()
     with pytest.raises(ValueError, match="at least one adapter"):
@@ -222,6 +263,13 @@ def test_bad_input_gets_clear_errors():
     inject(model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
     with pytest.raises(ValueError, match=r"adapters \['dora'\] are not plain LoRA"):
         ml.Mixture(model, ["a", "dora"])
+    inject(model, LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), "biased")
+    inject(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "copies")
+    for name in ("biased", "copies"):
+        with pytest.raises(ValueError, match=rf"adapters \['{name}'\] are not plain LoRA"):
+            ml.Mixture(model, ["a", name])
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['a'\]; this model has \[\]"):
+        ml.Mixture(tiny_decoder(), ["a"])  # a model without adapters
     mix = ml.Mixture(model, list(ADAPTERS))
     with pytest.raises(ValueError, match=r"weights must be \(batch, 3\) or \(batch, seq_len, 3\)"):
         mix.set_weights(torch.ones(2, 2))

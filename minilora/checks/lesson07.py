@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .core import call, checker, expect_tensor, passed, _generator, _randint
+from torch.overrides import TorchFunctionMode
+
+from .core import call, checker, expect_tensor, ExerciseError, passed, _generator, _randint
 
 
 def _adapters(g, n, d_in, d_out, ranks, dtype):
@@ -80,6 +82,25 @@ def _faithful_out(x, W, As, Bs, scalings, w):
     return x @ W.T + h @ sum(Bs).T
 
 
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm,
+            torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.einsum, torch.addmm, torch.outer, torch.tensordot,
+            F.linear}
+
+
+class _WeightShapedProducts(TorchFunctionMode):
+    """Records the matrix products whose result is d_out x d_in (or its transpose): a B_i A_i or a merged weight."""
+
+    def __init__(self, d_out: int, d_in: int):
+        super().__init__()
+        self.shapes, self.found = {(d_out, d_in), (d_in, d_out)}, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and isinstance(out, torch.Tensor) and out.dim() >= 2 and tuple(out.shape[-2:]) in self.shapes:
+            self.found.append(getattr(func, "__name__", str(func)))
+        return out
+
+
 @checker
 def mixed_lora_output(student_fn, seed: int | None = None) -> None:
     """Exercise 2: mixed_lora_output(x (B, T, d_in), W, As, Bs, scalings, w (B, n)) -> the exact mixture's output."""
@@ -99,9 +120,14 @@ def mixed_lora_output(student_fn, seed: int | None = None) -> None:
         if len(set(ranks)) == 1:
             mistakes.append((_faithful_out(x, W, As, Bs, scalings, w), "that is the original's summed A and B, with "
                              "cross terms B_j A_i; the exact mixture keeps each adapter's B_i with its own A_i."))
-        got = call(student_fn, x.clone(), W.clone(), [a.clone() for a in As], [b.clone() for b in Bs], list(scalings),
-                   w.clone(), name="mixed_lora_output", hint=MIX_HINT)
+        with _WeightShapedProducts(d_out, d_in) as watch:
+            got = call(student_fn, x.clone(), W.clone(), [a.clone() for a in As], [b.clone() for b in Bs],
+                       list(scalings), w.clone(), name="mixed_lora_output", hint=MIX_HINT)
         expect_tensor(got, want, f"mixed_lora_output (ranks {ranks})", mistakes, MIX_HINT)
+        if watch.found:
+            raise ExerciseError(f"mixed_lora_output gives the right values but forms a d_out x d_in matrix "
+                                f"({watch.found[0]} gave a {d_out} x {d_in} product). Hint: multiply x by A_i first; "
+                                "the point of mixing in activation space is never to build B_i A_i or a merged W.")
     passed("mixed_lora_output is W x + sum_i w_i s_i B_i (A_i x), per example, for adapters of different ranks.")
 
 

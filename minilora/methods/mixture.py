@@ -127,14 +127,14 @@ class Mixture:
             h = h * self._gathered[key]  # adapter i's r_i columns times w_i
         else:  # sum_i w_i s_i A_i x, then through sum_j B_j
             h = (h.unflatten(-1, (-1, B.shape[1])) * self._gathered[key]).sum(-2)
-        return out + (h @ B.T).to(out.dtype)
+        return (out.to(A.dtype) + h @ B.T).to(out.dtype)  # a half-precision base: the sum rounded once, as LoRA does
 
     # ------------------------------------------------------------------ generation
     def _pre_forward(self, model, args, kwargs):
         self._gathered = {}  # weights changed in place between two forwards are seen
         if self._route is None:
             return None
-        ids = args[0] if args else kwargs["input_ids"]
+        ids = args[0]  # generate passes the ids positionally
         mask = kwargs.get("attention_mask")
         r = self._route
         if r["seen"] == 0:  # the prompt: route once from it
@@ -142,7 +142,7 @@ class Mixture:
             new = ids
         else:
             new = ids if kwargs.get("past_key_values") is not None else ids[:, r["seen"]:]  # uncached: all again
-            emb = r["embedder"].extend(new) if new.shape[1] else None
+            emb = r["embedder"].extend(new)
         step = len(r["history"])
         if step == 0 or (r["every"] is not None and step % r["every"] == 0):
             r["current"] = r["router"](emb)
