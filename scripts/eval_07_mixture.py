@@ -25,7 +25,7 @@ from minilora.train import generate_answers
 
 N_CENTROID, MAX_NEW, SEEDS = 200, 24, (0, 1, 2)
 # the original samples through a transformers pipeline with temperature=0.9; the rest comes from generate's defaults:
-# top_k = 50 (GenerationConfig's default) and top_p = 0.9 (Llama-2-7b-hf's generation_config.json)
+# top_k = 50 (GenerationConfig's default) and, as far as we can tell, top_p = 0.9 (Llama-2-7b-hf's generation_config.json)
 SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.9}
 # "base": decoder-base's own mean-pooled states; "encoder": the small contrastive encoder (minilora/sentence_encoder.py).
 # Both route every test prompt to its task; the encoder costs a fraction of the base per token, so it is the one used.
