@@ -66,3 +66,19 @@ def test_adalora_example_runs_after_the_api_example(tmp_path, monkeypatch):
     assert config["peft_type"] == "ADALORA" and config["rank_pattern"]
     kept = sum(sum(v) for v in config["rank_pattern"].values())
     assert kept == 8 * len(config["rank_pattern"])  # target_r per layer on average
+
+
+def test_mixture_example_runs_after_the_api_example(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme.split("## API at a glance", 1)[1], re.S)
+    first, mixture = blocks[0], blocks[4]
+    assert "ml.Mixture" in mixture
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first.replace("steps=200", "steps=12"), "README.md", "exec"), namespace)
+    capsys.readouterr()
+    exec(compile(mixture, "README.md", "exec"), namespace)
+    answer = capsys.readouterr().out.split(" tensor(")[0].strip()
+    example = namespace["ml"].load_task("facts", "test")[0]
+    assert answer == example["output"]  # the facts adapter, routed to, answers the first facts prompt
+    assert namespace["mix"].history[0, 0].argmax().item() == list(namespace["router"].tasks).index("facts")
