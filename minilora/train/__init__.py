@@ -7,7 +7,8 @@ train an adapter instead of the whole model.
     encode_examples   instruction examples -> token ids + labels (loss on the response only)
     lm_chunks         a plain-text corpus -> fixed-length blocks for language-model pretraining
     train             AdamW, linear warmup + cosine decay, gradient clipping, optional gradient checkpointing,
-                      checkpoints that resume
+                      checkpoints that resume, and under torchrun DistributedDataParallel over the trainable
+                      parameters (python -m minilora.train is the command line: __main__.py)
     evaluate          mean loss and perplexity on held-out examples
     exact_match       generate an answer for each prompt and compare it with the reference text
 
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding positions)
@@ -185,12 +187,24 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
     run that finds the file continues from it, so an interrupted run loses at most ``checkpoint_every`` steps and
     ends with the weights of an uninterrupted one. A file written under a different TrainConfig is refused, with
     the differing fields named. The file is read with ``torch.load(weights_only=True)``: no pickle runs.
+
+    Under torchrun (a process group initialised, world size W > 1) every process runs this with the same rows and
+    seed, so all draw the same global batches; each computes its W-th share of the rows, and
+    DistributedDataParallel averages the gradients of the trainable parameters only (the frozen base is never
+    synchronised). Each share's loss is scaled by W times its share of the batch's loss tokens, so the averaged
+    gradient is the gradient of the whole batch's loss, as on one process (equal up to summation order when
+    nothing random differs: no dropout). Only rank 0 writes the checkpoint.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters; inject an adapter or unfreeze some weights")
     if len(rows) < cfg.batch_size:
         raise ValueError(f"only {len(rows)} training rows for batch_size={cfg.batch_size}; lower the batch size")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if cfg.batch_size % world:
+        raise ValueError(f"the global batch size {cfg.batch_size} does not divide over {world} processes; use a "
+                         f"multiple of {world}.")
     torch.manual_seed(cfg.seed)  # dropout masks
     generator = torch.Generator().manual_seed(cfg.seed)  # data order
     # Decay matrices only; norms, biases and 1-D adapter vectors (IA3, DoRA magnitudes) are left alone.
@@ -211,12 +225,24 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
         first, running = _resume(Path(checkpoint), model, optimizer, scheduler, history, cfg, len(rows))
         for _ in range(first):  # replay the data order up to where the run stopped
             next(batches)
+    runner = model
+    if world > 1:  # registers and all-reduces only parameters that require a gradient: the adapter's
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model)
     model.train()
     started = time.perf_counter() - history.wall_time_s
     bar = tqdm(range(first, cfg.steps), disable=not cfg.progress, desc="train", initial=first, total=cfg.steps)
+    tokens, t0 = 0, time.perf_counter()
     for step in bar:
-        out = model(**_model_inputs(model, next(batches)))
-        (out.loss + extra_loss(model) if extra_loss is not None else out.loss).backward()
+        inputs = _model_inputs(model, next(batches))
+        tokens += int(inputs["attention_mask"].sum())
+        scale = 1.0
+        if world > 1:
+            inputs, scale = _share(model, inputs, rank, world)
+        out = runner(**inputs)
+        loss = out.loss * scale if world > 1 else out.loss
+        (loss + extra_loss(model) if extra_loss is not None else loss).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -224,21 +250,44 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
             on_step(model, step + 1)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        running.append(out.loss.item())
+        running.append(out.loss.item() if world == 1 else _batch_loss(loss.detach(), world))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             history.steps.append(step + 1)
             history.loss.append(sum(running) / len(running))
             history.lr.append(optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             running = []
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
             history.wall_time_s = time.perf_counter() - started
-            _save_checkpoint(Path(checkpoint), step + 1, model, optimizer, scheduler, history, running, cfg, len(rows))
+            if rank == 0:
+                _save_checkpoint(Path(checkpoint), step + 1, model, optimizer, scheduler, history, running, cfg,
+                                 len(rows))
+            if world > 1:
+                dist.barrier()  # no process reads a checkpoint that is still being written
     history.wall_time_s = time.perf_counter() - started
     model.eval()
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = False
     return history
+
+
+def _loss_tokens(model, labels: torch.Tensor) -> int:
+    """The positions a batch's loss averages over (the decoder predicts token t + 1 from t)."""
+    return int((labels != IGNORE_INDEX).sum() if _is_seq2seq(model) else (labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _share(model, inputs: dict, rank: int, world: int) -> tuple[dict, float]:
+    """This process's rows of a global batch, and the factor W * n_share / n_batch (loss tokens) for its loss."""
+    n = inputs["input_ids"].shape[0] // world
+    share = {k: v[rank * n:(rank + 1) * n] for k, v in inputs.items()}
+    return share, world * _loss_tokens(model, share["labels"]) / _loss_tokens(model, inputs["labels"])
+
+
+def _batch_loss(scaled: torch.Tensor, world: int) -> float:
+    """The whole batch's loss from each process's scaled share: their sum over W."""
+    total = scaled.clone()
+    dist.all_reduce(total)
+    return total.item() / world
 
 
 def _resumable_fields(cfg: TrainConfig) -> dict:

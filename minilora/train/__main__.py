@@ -1,0 +1,132 @@
+"""The training command line: one adapter on a committed base and task, on one process or many under torchrun.
+
+    python -m minilora.train --base decoder-tiny --task num2words --rank 8 --steps 200 --out runs/n2w
+    python -m minilora.train --config runs/n2w.json              # the same flags from a JSON file
+    torchrun --nproc_per_node 2 -m minilora.train --config runs/n2w.json
+
+Flags (or the keys of --config; a flag given on the command line wins): the base (`--base`, a committed
+checkpoint), the task, the method (`lora`, or `qlora`: the base quantised to NF4 first), its rank, alpha, the targets,
+and TrainConfig's steps, batch size (the global batch, split over the processes), learning rate, warmup and seed.
+Everything goes to --out:
+- `run_config.json`: the run's settings; a later run with other settings into the same --out is refused, naming
+  the fields that differ, because its checkpoint belongs to the first run;
+- `checkpoint.pt`: written every --checkpoint-every steps and at the end; a run that finds one continues from it
+  (and ends with the weights of an uninterrupted run);
+- `adapter/`: the trained adapter in peft's format; `history.json`: the loss curve and the wall time.
+
+Under torchrun every process holds the whole model and takes its share of each global batch. The base is frozen,
+so DistributedDataParallel registers and synchronises only the adapter's gradients. gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minilora.train import TrainConfig, encode_examples, train
+
+
+@dataclass
+class RunConfig:
+    base: str = "decoder-tiny"
+    task: str = "num2words"
+    method: str = "lora"  # "lora" or "qlora"
+    rank: int = 8  # LoRA's r (a flag named --r would clash with torchrun's own --r... options)
+    alpha: float = 16.0
+    targets: str = "q_proj,v_proj"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        if self.method not in ("lora", "qlora"):
+            raise ValueError(f"method must be 'lora' or 'qlora', got {self.method!r}.")
+
+    def train_config(self, progress: bool) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           seed=self.seed, progress=progress)
+
+
+def parse(argv=None) -> tuple[RunConfig, Path]:
+    parser = argparse.ArgumentParser(prog="python -m minilora.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a JSON file whose keys are these flags' names (with underscores)")
+    parser.add_argument("--out", required=True, help="the run's folder: config, checkpoint, adapter, history")
+    for f in fields(RunConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    args = parser.parse_args(argv)
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    unknown = set(values) - {f.name for f in fields(RunConfig)}
+    if unknown:
+        parser.error(f"{args.config} has unknown keys {sorted(unknown)}; known: {[f.name for f in fields(RunConfig)]}")
+    values.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None})
+    return RunConfig(**values), Path(args.out)
+
+
+def check_same_run(out: Path, run: RunConfig) -> None:
+    """Refuse a run into a folder whose checkpoint another configuration wrote, naming the differing fields."""
+    path = out / "run_config.json"
+    if not path.exists():
+        return
+    saved, now = json.loads(path.read_text()), asdict(run)
+    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differing:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} in {path}, {now.get(k)!r} now" for k in differing)
+        raise SystemExit(f"error: {out} holds a run with other settings ({detail}); use the same settings to resume, "
+                         "or another --out.")
+
+
+def build_model(run: RunConfig, device: torch.device):
+    import minilora as ml
+
+    model = ml.load_base(run.base).to(device)
+    if run.method == "qlora":
+        ml.quantize_model(model, compute_dtype=torch.float32)
+    torch.manual_seed(run.seed)  # the adapter's initialisation: the same in every process and every run
+    ml.inject(model, ml.LoraConfig(r=run.rank, alpha=run.alpha, target_modules=run.targets.split(",")))
+    return model
+
+
+def main(argv=None) -> None:
+    import minilora as ml
+
+    run, out = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if run.batch_size % world:
+            raise SystemExit(f"error: the global batch size {run.batch_size} does not divide over {world} processes; "
+                             f"use a multiple of {world} (e.g. {world * max(1, run.batch_size // world)}).")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    process = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    try:
+        check_same_run(out, run)
+        tok = ml.load_tokenizer()
+        model = build_model(run, device)
+        rows = encode_examples(ml.load_task(run.task, "train"), tok)
+        if process == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run_config.json").write_text(json.dumps(asdict(run), indent=1) + "\n")
+        history = train(model, rows, run.train_config(progress=process == 0), pad_id=tok.pad_id,
+                        checkpoint=out / "checkpoint.pt", checkpoint_every=run.checkpoint_every)
+        if process == 0:
+            ml.save_adapter(model, str(out / "adapter"))
+            (out / "history.json").write_text(json.dumps(
+                {"steps": history.steps, "loss": history.loss, "lr": history.lr, "wall_time_s": history.wall_time_s,
+                 "world_size": world}, indent=1) + "\n")
+            print(f"final loss {history.final_loss:.4f}; adapter written to {out / 'adapter'}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

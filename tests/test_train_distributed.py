@@ -1,0 +1,126 @@
+"""train() under torch.distributed, on 2 CPU processes with gloo: the adapters stay identical across ranks and equal
+single-process training on the same global batches, and only the adapters' gradients are synchronised. The model is
+float64, but the loss is taken in float32 (lm_loss casts the logits), so the two runs agree to float32 rounding of
+the loss's gradient (about 1e-7 of the updates), where a wrong share or scale would be off by percents. Then the command line, `python -m minilora.train`, alone and under torchrun,
+with its errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from minilora.inject import inject
+from minilora.io import adapter_state_dict
+from minilora.methods.lora import LoraConfig
+from minilora.train import IGNORE_INDEX, TrainConfig, train
+
+from adapters import tiny_decoder
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, log_every=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_and_rows():
+    """A float64 tiny decoder with LoRA (B moved off zero), and rows of unequal lengths and loss spans, so that the
+    two halves of a batch hold different numbers of loss tokens."""
+    torch.manual_seed(0)
+    model = tiny_decoder().double()
+    inject(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(12):
+        n = 5 + (7 * i) % 9
+        ids = torch.randint(3, 64, (n,), generator=g).tolist()
+        prompt = 1 + i % 4
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return model, rows
+
+
+def worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model, rows = model_and_rows()
+        from torch.nn.parallel import DistributedDataParallel
+        synced = {n for n, p in DistributedDataParallel(model).module.named_parameters()
+                  if p.requires_grad}  # what DDP registers: the trainable parameters
+        history = train(model, rows, CONFIG)
+        torch.save({"adapter": adapter_state_dict(model), "loss": history.loss, "synced": sorted(synced),
+                    "base": {k: v for k, v in model.state_dict().items() if "lora_" not in k}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batches(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.set_num_threads(1)
+    model, rows = model_and_rows()
+    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    history = train(model, rows, CONFIG)
+    single = adapter_state_dict(model)
+    for k, v in single.items():
+        assert torch.equal(ranks[0]["adapter"][k], ranks[1]["adapter"][k]), k  # identical across ranks
+        torch.testing.assert_close(ranks[0]["adapter"][k], v, rtol=0, atol=1e-7)  # equal to one process
+        assert (v - before[k]).abs().max() > 1e-3  # training moved it: the comparison can fail
+    torch.testing.assert_close(torch.tensor(ranks[0]["loss"]), torch.tensor(history.loss), rtol=1e-6, atol=0)
+    assert ranks[0]["synced"] == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(".lora_" in n for n in ranks[0]["synced"])  # only the adapter's parameters are synchronised
+    for k, v in ranks[0]["base"].items():  # the frozen base never moved
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def run_cli(args, tmp_path, env=None, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "minilora.train", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+
+
+ARGS = ["--base", "decoder-tiny", "--task", "num2words", "--rank", "2", "--steps", "4", "--batch-size", "4",
+        "--warmup-steps", "1", "--checkpoint-every", "2"]
+
+
+def test_the_command_line_trains_resumes_and_refuses_other_settings(tmp_path):
+    done = run_cli([*ARGS, "--out", "run"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "checkpoint.pt").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert history["steps"] == [4] and history["world_size"] == 1
+    weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = run_cli([*ARGS, "--out", "run"], tmp_path)  # finds the final checkpoint: nothing left to train
+    assert again.returncode == 0 and (out / "adapter" / "adapter_model.safetensors").read_bytes() == weights
+    other = run_cli([*ARGS, "--out", "run", "--lr", "0.01"], tmp_path)
+    assert other.returncode != 0 and "lr: 0.003 in" in other.stderr and "0.01 now" in other.stderr
+    (tmp_path / "cfg.json").write_text(json.dumps({"base": "decoder-tiny", "steps": 4, "bogus": 1}))
+    bad = run_cli(["--config", "cfg.json", "--out", "x"], tmp_path)
+    assert bad.returncode != 0 and "unknown keys ['bogus']" in bad.stderr
+    odd = run_cli([*ARGS, "--out", "odd", "--batch-size", "3"], tmp_path, env={"WORLD_SIZE": "2"})
+    assert odd.returncode != 0 and "the global batch size 3 does not divide over 2 processes" in odd.stderr
+
+
+def test_the_command_line_under_torchrun_equals_one_process(tmp_path):
+    one = run_cli([*ARGS, "--out", "one"], tmp_path)
+    two = run_cli([*ARGS, "--out", "two"], tmp_path, torchrun=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)  # float32, two summation orders
+    assert json.loads((tmp_path / "two" / "history.json").read_text())["world_size"] == 2
