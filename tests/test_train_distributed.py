@@ -18,7 +18,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minilora.inject import inject
-from minilora.io import adapter_state_dict
 from minilora.methods.lora import LoraConfig
 from minilora.train import IGNORE_INDEX, TrainConfig, train
 
@@ -50,30 +49,33 @@ def model_and_rows():
     return model, rows
 
 
-def worker(rank, world, port, out):
+def worker(rank, world, port, out, shard=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         model, rows = model_and_rows()
-        from torch.nn.parallel import DistributedDataParallel
-        synced = {n for n, p in DistributedDataParallel(model).module.named_parameters()
-                  if p.requires_grad}  # what DDP registers: the trainable parameters
-        history = train(model, rows, CONFIG)
-        torch.save({"adapter": adapter_state_dict(model), "loss": history.loss, "synced": sorted(synced),
-                    "base": {k: v for k, v in model.state_dict().items() if "lora_" not in k}}, f"{out}/rank{rank}.pt")
+        synced = {n for n, p in model.named_parameters() if p.requires_grad}  # what DDP registers
+        history = train(model, rows, CONFIG, shard=shard)
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        torch.save({"adapter": {k: v for k, v in state.items() if ".lora_" in k}, "loss": history.loss,
+                    "synced": sorted(synced), "base": {k: v for k, v in state.items() if "lora_" not in k}},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process_on_the_same_global_batches(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batches(tmp_path, shard):
+    """DistributedDataParallel, or FSDP2 with the frozen base sharded too: the same adapters as one process."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), shard), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     torch.set_num_threads(1)
     model, rows = model_and_rows()
-    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
     history = train(model, rows, CONFIG)
-    single = adapter_state_dict(model)
+    single = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    assert set(single) == set(ranks[0]["adapter"])
     for k, v in single.items():
         assert torch.equal(ranks[0]["adapter"][k], ranks[1]["adapter"][k]), k  # identical across ranks
         torch.testing.assert_close(ranks[0]["adapter"][k], v, rtol=0, atol=1e-7)  # equal to one process
@@ -83,6 +85,8 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batches(tmp_pat
     assert all(".lora_" in n for n in ranks[0]["synced"])  # only the adapter's parameters are synchronised
     for k, v in ranks[0]["base"].items():  # the frozen base never moved
         assert torch.equal(v, model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="shard=True needs torchrun"):
+        train(model, rows, CONFIG, shard=True)
 
 
 def run_cli(args, tmp_path, env=None, torchrun=False):
@@ -124,3 +128,21 @@ def test_the_command_line_under_torchrun_equals_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)  # float32, two summation orders
     assert json.loads((tmp_path / "two" / "history.json").read_text())["world_size"] == 2
+    sharded = run_cli([*ARGS, "--out", "sharded", "--shard"], tmp_path, torchrun=True)  # FSDP2
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    c = load_file(str(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-6)
+    assert not (tmp_path / "sharded" / "checkpoint.pt").exists()
+
+
+def test_qlora_under_torchrun_equals_one_process(tmp_path):
+    """The base quantised to NF4 in every process (its codes are buffers DDP leaves alone), LoRA over it."""
+    from safetensors.torch import load_file
+    runs = {"one": run_cli([*ARGS, "--method", "qlora", "--out", "one"], tmp_path),
+            "two": run_cli([*ARGS, "--method", "qlora", "--out", "two"], tmp_path, torchrun=True)}
+    assert all(r.returncode == 0 for r in runs.values()), runs["two"].stderr[-2000:]
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "run_config.json").read_text())["method"] == "qlora"

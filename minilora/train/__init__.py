@@ -173,7 +173,7 @@ def _model_inputs(model, batch: dict) -> dict:
 
 
 def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss=None, on_step=None,
-          checkpoint: str | Path | None = None, checkpoint_every: int = 500) -> History:
+          checkpoint: str | Path | None = None, checkpoint_every: int = 500, shard: bool = False) -> History:
     """Optimise the trainable parameters of ``model`` on ``rows`` (from encode_examples or lm_chunks).
 
     Hooks for methods that need more than the task loss (AdaLoRA's RankAllocator provides both):
@@ -194,13 +194,27 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
     synchronised). Each share's loss is scaled by W times its share of the batch's loss tokens, so the averaged
     gradient is the gradient of the whole batch's loss, as on one process (equal up to summation order when
     nothing random differs: no dropout). Only rank 0 writes the checkpoint.
+
+    With ``shard=True`` (torchrun only) the model is sharded instead with FSDP2 (`fully_shard` on every decoder or
+    encoder layer, then on the whole model): each process keeps 1/W of every weight, frozen base included, and
+    gathers a layer's weights just for its forward and backward. The model stays sharded afterwards (its state dict
+    holds DTensors; `full_tensor()` gathers one). Checkpoints are not written in that mode yet.
     """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if shard:  # before the optimizer is built: sharding replaces the parameters
+        if world == 1 or checkpoint is not None:
+            raise ValueError("shard=True needs torchrun (a process group of 2 or more) and no checkpoint (sharded "
+                             "checkpoints are not written yet); run without shard for either.")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _blocks(model):
+            fully_shard(layer)
+        fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters; inject an adapter or unfreeze some weights")
     if len(rows) < cfg.batch_size:
         raise ValueError(f"only {len(rows)} training rows for batch_size={cfg.batch_size}; lower the batch size")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     if cfg.batch_size % world:
         raise ValueError(f"the global batch size {cfg.batch_size} does not divide over {world} processes; use a "
@@ -226,7 +240,7 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
         for _ in range(first):  # replay the data order up to where the run stopped
             next(batches)
     runner = model
-    if world > 1:  # registers and all-reduces only parameters that require a gradient: the adapter's
+    if world > 1 and not shard:  # registers and all-reduces only parameters that require a gradient: the adapter's
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model)
@@ -269,6 +283,12 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = False
     return history
+
+
+def _blocks(model) -> list:
+    """The transformer layers FSDP2 shards one by one: a DecoderLM's, or a Seq2SeqLM's encoder and decoder layers."""
+    stacks = [getattr(model, name, None) for name in ("model", "encoder", "decoder")]
+    return [layer for s in stacks if isinstance(s, torch.nn.Module) for layer in getattr(s, "layers", [])]
 
 
 def _loss_tokens(model, labels: torch.Tensor) -> int:

@@ -16,6 +16,8 @@ Everything goes to --out:
 
 Under torchrun every process holds the whole model and takes its share of each global batch. The base is frozen,
 so DistributedDataParallel registers and synchronises only the adapter's gradients. gloo on CPU, nccl on GPU.
+With --shard, FSDP2 shards every weight (the frozen base too) over the processes instead, for models past one
+device's memory; that mode writes no checkpoint yet.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class RunConfig:
     warmup_steps: int = 10
     seed: int = 0
     checkpoint_every: int = 100
+    shard: bool = False  # FSDP2 instead of DDP under torchrun: every weight sharded over the processes (no checkpoint)
 
     def __post_init__(self):
         if self.method not in ("lora", "qlora"):
@@ -61,7 +64,10 @@ def parse(argv=None) -> tuple[RunConfig, Path]:
     parser.add_argument("--config", help="a JSON file whose keys are these flags' names (with underscores)")
     parser.add_argument("--out", required=True, help="the run's folder: config, checkpoint, adapter, history")
     for f in fields(RunConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+        if isinstance(f.default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = parser.parse_args(argv)
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     unknown = set(values) - {f.name for f in fields(RunConfig)}
@@ -116,7 +122,12 @@ def main(argv=None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run_config.json").write_text(json.dumps(asdict(run), indent=1) + "\n")
         history = train(model, rows, run.train_config(progress=process == 0), pad_id=tok.pad_id,
-                        checkpoint=out / "checkpoint.pt", checkpoint_every=run.checkpoint_every)
+                        checkpoint=None if run.shard else out / "checkpoint.pt", checkpoint_every=run.checkpoint_every,
+                        shard=run.shard)
+        if run.shard:  # gather the sharded adapter (every process takes part) into an unsharded copy to save
+            state = {k: v.full_tensor() for k, v in model.state_dict().items() if ".lora_" in k}
+            model = build_model(run, torch.device("cpu"))
+            model.load_state_dict(state, strict=False)
         if process == 0:
             ml.save_adapter(model, str(out / "adapter"))
             (out / "history.json").write_text(json.dumps(
