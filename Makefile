@@ -72,9 +72,7 @@ adapters: $(STAMP)
 	$(RUN_MODULE) minilora.task_adapters --quiet
 
 bench: $(STAMP)
-	$(PY) bench/lora_step.py
-	$(PY) bench/method_step.py
-	$(PY) bench/nf4.py
+	$(PY) bench/suite.py $(if $(QUICK),--quick)
 
 # Mutation testing of the method files with the tests that exercise them (tests/README.md); not part of
 # `make test`. Configured in pyproject's [tool.mutmut]; starts fresh so the score is the current code's.
