@@ -46,35 +46,37 @@ def prompts(tok, batch):
 
 
 @torch.no_grad()
-def naive_generate(model, router, embed_lm, ids, mask, n_new):
-    """The original's loop, one example at a time: route from the whole text, build the combined adapter, re-run
-    the whole text with it, delete it."""
+def remerge_generate(next_token, router, embed_lm, ids, mask, n_new):
+    """The original's loop, one example at a time: route from the whole text embedded from scratch, then
+    next_token(seq, w) re-merges for the weights w and re-runs the whole text."""
     out = []
     for row, m in zip(ids, mask):
         seq = row[m.bool()].tolist()
         for _ in range(n_new):
             w = router(ml.MeanPooledEmbedder(embed_lm, None).start(torch.tensor([seq])))[0]
-            ml.add_weighted_adapter(model, list(DECODER_TASKS), w.tolist(), "step", combination_type="cat")
-            ml.set_adapter(model, "step")
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            ml.delete_adapter(model, "step")
+            seq.append(next_token(seq, w))
         out.append(seq[-n_new:])
     return torch.tensor(out)
 
 
-@torch.no_grad()
-def dense_generate(plain, layers, deltas, router, embed_lm, ids, mask, n_new):
-    """The same loop with every adapted weight overwritten in place instead of an adapter built."""
-    out = []
-    for row, m in zip(ids, mask):
-        seq = row[m.bool()].tolist()
-        for _ in range(n_new):
-            w = router(ml.MeanPooledEmbedder(embed_lm, None).start(torch.tensor([seq])))[0]
-            for name, layer in layers.items():
-                layer.weight.copy_(deltas[name][0] + sum(w[i] * d for i, d in deltas[name][1]))
-            seq.append(int(plain(torch.tensor([seq])).logits[0, -1].argmax()))
-        out.append(seq[-n_new:])
-    return torch.tensor(out)
+def adapter_step(model):
+    """As the original: build the combined adapter, activate it, run the text, delete it."""
+    def step(seq, w):
+        ml.add_weighted_adapter(model, list(DECODER_TASKS), w.tolist(), "step", combination_type="cat")
+        ml.set_adapter(model, "step")
+        token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+        ml.delete_adapter(model, "step")
+        return token
+    return step
+
+
+def dense_step(plain, layers, deltas):
+    """Every adapted weight overwritten in place, W' = W + sum_i w_i Delta W_i, instead of an adapter built."""
+    def step(seq, w):
+        for name, layer in layers.items():
+            layer.weight.copy_(deltas[name][0] + sum(w[i] * d for i, d in deltas[name][1]))
+        return int(plain(torch.tensor([seq])).logits[0, -1].argmax())
+    return step
 
 
 def main():
@@ -126,10 +128,10 @@ def main():
                 return mix.generate(router, embedder, ids, n_new, every=1, **kw)[:, ids.shape[1]:]
 
         def naive():
-            return naive_generate(naive_model, router, embed_lm, ids, mask, n_new)
+            return remerge_generate(adapter_step(naive_model), router, embed_lm, ids, mask, n_new)
 
         def dense():
-            return dense_generate(plain, layers, deltas, router, embed_lm, ids, mask, n_new)
+            return remerge_generate(dense_step(plain, layers, deltas), router, embed_lm, ids, mask, n_new)
 
         # the same first tokens (further on, a float32 near-tie can flip a greedy choice between summation orders)
         want = token_level()[:, :4]
