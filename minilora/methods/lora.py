@@ -284,7 +284,7 @@ class LoraLayer(AdapterLayer):
                 and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
                 and x.dtype == self.base_dtype_device()[0]
                 and (A.dtype == x.dtype or half_base and name not in self.lora_magnitude_vector)
-                and not torch.is_autocast_enabled(x.device.type))
+                and (x.is_meta or not torch.is_autocast_enabled(x.device.type)))  # meta: no autocast to ask
 
     def base_is_frozen_linear(self) -> bool:
         """True when the base computes exactly x W^T + b with W frozen, which the fused node then does itself."""

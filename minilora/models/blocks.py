@@ -329,7 +329,8 @@ def check_input_ids(input_ids: torch.Tensor, config: ModelConfig, past_len: int 
             f"sequence length {total} exceeds max_seq_len={config.max_seq_len}; truncate the input "
             f"(or generate fewer tokens), or build the model with a larger max_seq_len."
         )
-    if input_ids.numel() and (int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0):
+    # meta tensors (memory estimates) have shapes but no values to check
+    if input_ids.numel() and not input_ids.is_meta and (int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0):
         raise ValueError(
             f"{what} contain ids outside [0, vocab_size={config.vocab_size}) (max id {int(input_ids.max())}, "
             f"min id {int(input_ids.min())}); check that the tokenizer matches the model or raise vocab_size."

@@ -6,7 +6,11 @@
 
 Flags (or the keys of --config; a flag given on the command line wins): the base (`--base`, a committed
 checkpoint), the task, the method (`lora`, or `qlora`: the base quantised to NF4 first), its rank, alpha, the targets,
-and TrainConfig's steps, batch size (the global batch, split over the processes), learning rate, warmup and seed.
+and TrainConfig's steps, batch size (the global batch, split over the processes), learning rate, warmup, seed and
+gradient checkpointing. `--preset gpt2-124m` (any preset of minilora.models) trains on that shape with random weights
+in `--dtype` instead of a committed base: for time and memory at real sizes, not for accuracy. Before any weight is
+allocated, the step's memory is estimated on the meta device (minilora.memory) and a run that would not fit is refused
+with the estimate.
 Everything goes to --out:
 - `run_config.json`: the run's settings; a later run with other settings into the same --out is refused, naming
   the fields that differ, because its checkpoint belongs to the first run;
@@ -23,6 +27,7 @@ device's memory; that mode writes no checkpoint yet.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -49,14 +54,21 @@ class RunConfig:
     seed: int = 0
     checkpoint_every: int = 100
     shard: bool = False  # FSDP2 instead of DDP under torchrun: every weight sharded over the processes (no checkpoint)
+    preset: str = ""  # a model shape (e.g. gpt2-124m) with random weights instead of the committed --base
+    dtype: str = "float32"  # the base's dtype with --preset ("bfloat16" on a GPU); adapters stay fp32
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.method not in ("lora", "qlora"):
             raise ValueError(f"method must be 'lora' or 'qlora', got {self.method!r}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.dtype != "float32" and not self.preset:
+            raise ValueError("--dtype applies to a --preset model; the committed bases train in float32.")
 
     def train_config(self, progress: bool) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           seed=self.seed, progress=progress)
+                           seed=self.seed, progress=progress, gradient_checkpointing=self.gradient_checkpointing)
 
 
 def parse(argv=None) -> tuple[RunConfig, Path]:
@@ -90,12 +102,32 @@ def check_same_run(out: Path, run: RunConfig) -> None:
                          "or another --out.")
 
 
+def check_fits(run: RunConfig, seq: int, device: torch.device, world: int) -> None:
+    """Refuse, before any weight is allocated, a model whose training step does not fit this process's device
+    (estimated on the meta device; each process holds its share of the batch, and with --shard its share of the
+    weights)."""
+    from minilora import memory
+
+    batch = max(1, run.batch_size // world)
+    budget = memory.estimate(run.preset or run.base, run.method, batch, seq, run.rank,
+                             run.targets.split(","), getattr(torch, run.dtype), run.gradient_checkpointing)
+    if run.shard:
+        budget = dataclasses.replace(budget, weights=budget.weights // world, gradients=budget.gradients // world,
+                                     optimizer=budget.optimizer // world)
+    memory.require_fits(budget, device, f"{run.preset or run.base} with {run.method} ({batch} x {seq} tokens per process)")
+
+
 def build_model(run: RunConfig, device: torch.device):
     import minilora as ml
 
-    model = ml.load_base(run.base).to(device)
+    if run.preset:  # a published shape with random weights: for throughput and memory, not for a task's accuracy
+        torch.manual_seed(run.seed)
+        with device:
+            model = ml.DecoderLM(ml.get_config(run.preset)).to(getattr(torch, run.dtype))
+    else:
+        model = ml.load_base(run.base).to(device)
     if run.method == "qlora":
-        ml.quantize_model(model, compute_dtype=torch.float32)
+        ml.quantize_model(model, compute_dtype=getattr(torch, run.dtype))
     torch.manual_seed(run.seed)  # the adapter's initialisation: the same in every process and every run
     ml.inject(model, ml.LoraConfig(r=run.rank, alpha=run.alpha, target_modules=run.targets.split(",")))
     return model
@@ -116,8 +148,12 @@ def main(argv=None) -> None:
     try:
         check_same_run(out, run)
         tok = ml.load_tokenizer()
-        model = build_model(run, device)
         rows = encode_examples(ml.load_task(run.task, "train"), tok)
+        try:
+            check_fits(run, max(len(r["input_ids"]) for r in rows), device, world)
+        except MemoryError as e:
+            raise SystemExit(f"error: {e}") from None
+        model = build_model(run, device)
         if process == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run_config.json").write_text(json.dumps(asdict(run), indent=1) + "\n")
