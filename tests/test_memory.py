@@ -1,0 +1,107 @@
+"""minilora.memory: the meta-device estimate against parameter counts written out from the shapes and the
+published sizes, and against real steps measured by PyTorch's own MemTracker; the refusal of a step that does not
+fit, in the library and in the training command line."""
+
+import importlib
+
+import pytest
+import torch
+
+from minilora import memory
+from minilora.models import get_config
+
+TINY = get_config("decoder-tiny", n_layers=2)
+
+
+def lora_params(cfg, r: int, targets: list[str]) -> int:
+    """r (in + out) per adapted projection, the shapes written out from the config."""
+    d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    return cfg.n_layers * sum(r * sum(shapes[t]) for t in targets)
+
+
+@pytest.mark.parametrize("preset,published", [("gpt2-124m", 124_439_808), ("llama-1b", 1_235_814_400),
+                                              ("llama-7b", 6_738_415_616)])
+def test_full_fine_tuning_of_the_published_sizes_costs_nothing_to_estimate(preset, published):
+    """Built on meta: weights, gradients and AdamW's two moments of every published parameter, in bf16."""
+    b = memory.estimate(preset, "full", batch=1, seq=64, dtype=torch.bfloat16)
+    assert b.parameters == b.trainable == published
+    assert (b.weights, b.gradients, b.optimizer) == (2 * published, 2 * published, 4 * published)
+    assert b.activations > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_adapter_budgets_count_the_adapter_alone_as_trainable(method):
+    r, targets = 4, ["q_proj", "v_proj", "down_proj"]
+    b = memory.estimate(TINY, method, batch=2, seq=16, r=r, targets=targets)
+    expected = lora_params(TINY, r, targets)
+    if method == "dora":  # one magnitude per output row of each adapted projection
+        expected += TINY.n_layers * (TINY.n_heads * TINY.head_dim + TINY.n_kv_heads * TINY.head_dim + TINY.d_model)
+    assert b.trainable == expected
+    assert (b.gradients, b.optimizer) == (4 * expected, 8 * expected)  # fp32 adapters
+    assert b.parameters == TINY.num_parameters() + expected
+
+
+def test_a_qlora_base_is_counted_in_packed_4_bit_bytes():
+    """Each quantised (out, in) weight: out in / 2 bytes of codes plus one fp32 absmax per block of 64; the rest
+    of the base (embeddings, norms) stays fp32 and the head is tied to the embeddings."""
+    r, targets = 4, ["q_proj", "v_proj"]
+    d, q, kv, f = TINY.d_model, TINY.n_heads * TINY.head_dim, TINY.n_kv_heads * TINY.head_dim, TINY.d_ff
+    linears = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
+    quantised = TINY.n_layers * sum(o * i for o, i in linears)
+    packed = quantised // 2 + quantised // 64 * 4
+    rest = (TINY.num_parameters() - quantised) * 4
+    b = memory.estimate(TINY, "qlora", batch=2, seq=16, r=r, targets=targets)
+    assert b.weights == packed + rest + 4 * lora_params(TINY, r, targets)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_the_estimate_is_within_the_transients_of_a_measured_step(checkpointing):
+    """Against real CPU steps: the saved tensors differ a little (the CPU's attention kernel saves others than the
+    reference kernels on meta), and MemTracker's peak adds the backward's temporaries (the logits' gradient and
+    the like), so the measured peak lies a little above the estimate."""
+    torch.manual_seed(0)
+    model = memory.build(TINY, "lora", device="cpu")
+    ids = torch.randint(0, TINY.vocab_size, (4, 64))
+    est = memory.estimate(TINY, "lora", batch=4, seq=64, gradient_checkpointing=checkpointing)
+    m = memory.measure_step(model, ids, steps=1, gradient_checkpointing=checkpointing)
+    assert abs(m.saved_bytes / memory.saved_bytes(memory.build(TINY, "lora"), ids.to("meta")) - 1) < 0.15
+    assert 0.95 < m.peak_bytes / est.total < 1.35, (m.peak_bytes, est)
+    assert m.tokens_per_s > 0 and len(m.step_s) == 1
+
+
+def test_gradient_checkpointing_keeps_the_layer_inputs_and_one_layer():
+    """Chen et al.'s trade: what it saves grows with the layers, by about one layer's activations less each."""
+    def acts(n_layers, ckpt):
+        return memory.estimate(get_config("decoder-tiny", n_layers=n_layers), "lora", batch=2, seq=32,
+                               gradient_checkpointing=ckpt).activations
+    per_layer = acts(3, False) - acts(2, False)
+    layer_input = 2 * 32 * TINY.d_model * 4  # (B, T, d) fp32
+    assert acts(3, True) - acts(2, True) == layer_input
+    assert per_layer > 5 * layer_input
+    assert acts(4, True) < acts(4, False)
+
+
+def test_a_step_that_does_not_fit_is_refused_with_the_estimate():
+    b = memory.estimate("llama-7b", "lora", batch=1, seq=512, dtype=torch.bfloat16)
+    with pytest.raises(MemoryError, match=r"llama-7b with lora needs about \d+\.\d\d GB .*weights 13\.56 GB.*"
+                                          r"gradient checkpointing.*QLoRA"):
+        memory.require_fits(b, "cpu", "llama-7b with lora", available=int(8e9))
+    memory.require_fits(b, "cpu", available=b.total)  # exactly enough passes
+    assert memory.available_bytes("cpu") > 0
+
+
+def test_the_command_line_refuses_a_preset_that_does_not_fit_before_building_it(tmp_path, monkeypatch):
+    cli = importlib.import_module("minilora.train.__main__")  # `minilora.train` names the function too
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": int(50e6))
+    monkeypatch.setattr(cli, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit, match=r"error: gpt2-124m with lora \(16 x \d+ tokens per process\) needs about "
+                                         r".* but only 50\.0 MB is free on cpu"):
+        cli.main(["--preset", "gpt2-124m", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_methods_are_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        memory.build(TINY, "prefix")
