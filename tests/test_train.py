@@ -1,6 +1,7 @@
-"""The shared training loop: schedule, data encoding, determinism, evaluation."""
+"""The shared training loop: schedule, data encoding, determinism, checkpoints, evaluation."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -223,3 +224,33 @@ def test_resuming_under_another_config_or_data_is_refused_and_names_the_differen
         train(_tiny_decoder(tok.vocab_size), rows[:60], cfg, pad_id=tok.pad_id, checkpoint=path)
     # progress is not part of the recipe: a run with the bar on resumes a run without it
     train(_tiny_decoder(tok.vocab_size), rows, TrainConfig(steps=4, batch_size=4, lr=3e-3, warmup_steps=1), pad_id=tok.pad_id, checkpoint=path)
+
+
+def test_a_checkpoint_holds_the_trainable_parameters_alone_and_refuses_a_model_with_others(tok, examples, tmp_path):
+    rows = encode_examples(examples, tok)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=0, progress=False)
+
+    def lora(targets):
+        torch.manual_seed(0)
+        return inject(_tiny_decoder(tok.vocab_size), LoraConfig(r=2, alpha=4, target_modules=targets))
+
+    path = tmp_path / "run.pt"
+    model = lora(["q_proj", "v_proj"])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    train(model, rows, cfg, pad_id=tok.pad_id, checkpoint=path)
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["model"]) == set(trainable) and all(".lora_" in n for n in trainable)  # no frozen base
+    assert set(saved["optimizer"]["state"]) == set(trainable)
+    for n, p in trainable.items():
+        assert torch.equal(saved["model"][n], p.detach()), n
+    other = lora(["q_proj", "k_proj"])
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+
+    def listed(proj):  # the message's sorted list of one projection's LoRA matrices
+        return re.escape(str([f"model.layers.0.self_attn.{proj}.lora_{m}.default.weight" for m in "AB"]))
+
+    with pytest.raises(ValueError, match=f"missing from the file: {listed('k_proj')}; in the file, not trainable "
+                                         f"here: {listed('v_proj')}.*delete the file"):
+        train(other, rows, cfg, pad_id=tok.pad_id, checkpoint=path)
+    after = other.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # refused before anything was loaded

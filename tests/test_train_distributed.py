@@ -1,9 +1,11 @@
 """train() under torch.distributed, on 2 CPU processes with gloo: the adapters stay identical across ranks and equal
 single-process training on the same global batches, and only the adapters' gradients are synchronised. The model is
 float64, but the loss is taken in float32 (lm_loss casts the logits), so the two runs agree to float32 rounding of
-the loss's gradient (about 1e-7 of the updates), where a wrong share or scale would be off by percents. Then the command line, `python -m minilora.train`, alone and under torchrun,
-with its errors."""
+the loss's gradient (about 1e-7 of the updates), where a wrong share or scale would be off by percents. An FSDP2 run
+interrupted and resumed from its checkpoint ends with the bits of an uninterrupted one. Then the command line,
+`python -m minilora.train`, alone and under torchrun, with its errors."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,20 +51,31 @@ def model_and_rows():
     return model, rows
 
 
-def worker(rank, world, port, out, shard=False):
+@contextlib.contextmanager
+def gloo(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def whole_state(model) -> dict:
+    """The state dict with every sharded (FSDP2) tensor gathered: every process must call it."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def worker(rank, world, port, out, shard=False):
+    with gloo(rank, world, port):
         model, rows = model_and_rows()
         synced = {n for n, p in model.named_parameters() if p.requires_grad}  # what DDP registers
         history = train(model, rows, CONFIG, shard=shard)
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        state = whole_state(model)
         torch.save({"adapter": {k: v for k, v in state.items() if ".lora_" in k}, "loss": history.loss,
                     "synced": sorted(synced), "base": {k: v for k, v in state.items() if "lora_" not in k}},
                    f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
@@ -87,6 +100,55 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batches(tmp_pat
         assert torch.equal(v, model.state_dict()[k]), k
     with pytest.raises(ValueError, match="shard=True needs torchrun"):
         train(model, rows, CONFIG, shard=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def resume_worker(rank, world, port, out):
+    """FSDP2 runs: one uninterrupted; one stopped in step 3, after the checkpoint of step 2; that one resumed."""
+    with gloo(rank, world, port):
+        whole, rows = model_and_rows()
+        expected = train(whole, rows, CONFIG, shard=True)
+
+        def stop_in_step_3(model, step):
+            if step == 3:
+                raise Interrupted
+
+        path = Path(out) / "run.pt"
+        try:
+            train(model_and_rows()[0], rows, CONFIG, shard=True, checkpoint=path, checkpoint_every=2,
+                  on_step=stop_in_step_3)
+        except Interrupted:
+            pass
+        interrupted = torch.load(path, weights_only=True)
+        resumed, steps_run = model_and_rows()[0], []
+        history = train(resumed, rows, CONFIG, shard=True, checkpoint=path, checkpoint_every=2,
+                        on_step=lambda model, step: steps_run.append(step))
+        whole_adapter, resumed_adapter = ({k: v for k, v in whole_state(m).items() if ".lora_" in k}
+                                          for m in (whole, resumed))
+        if rank == 0:
+            torch.save({"interrupted": interrupted, "whole": whole_adapter, "resumed": resumed_adapter,
+                        "steps_run": steps_run, "expected": expected.loss, "loss": history.loss}, f"{out}/resume.pt")
+
+
+def test_an_interrupted_fsdp2_run_resumes_to_the_adapters_of_an_uninterrupted_one(tmp_path):
+    """The checkpoint of a sharded run is one file of whole tensors, the adapter's alone; every process resumes
+    from it to the bits of the uninterrupted sharded run."""
+    mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    out = torch.load(tmp_path / "resume.pt", weights_only=True)
+    saved = out["interrupted"]
+    model, _ = model_and_rows()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert saved["step"] == 2 and out["steps_run"] == [3, 4, 5, 6]  # the resumed run trained the last four steps
+    assert set(saved["model"]) == set(trainable) and all(".lora_" in n for n in trainable)  # no frozen base
+    for n, p in trainable.items():  # gathered whole, not one process's shard
+        assert saved["model"][n].shape == p.shape and saved["optimizer"]["state"][n]["exp_avg"].shape == p.shape, n
+    assert set(out["resumed"]) == set(out["whole"])
+    for k, v in out["whole"].items():
+        assert torch.equal(out["resumed"][k], v), k
+    assert out["loss"] == out["expected"]
 
 
 def run_cli(args, tmp_path, env=None, torchrun=False):
@@ -133,7 +195,8 @@ def test_the_command_line_under_torchrun_equals_one_process(tmp_path):
     c = load_file(str(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-6)
-    assert not (tmp_path / "sharded" / "checkpoint.pt").exists()
+    saved = torch.load(tmp_path / "sharded" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["model"] and all(".lora_" in k for k in saved["model"])
 
 
 def test_qlora_under_torchrun_equals_one_process(tmp_path):

@@ -182,29 +182,34 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
       on_step(model, step)          after optimizer step ``step`` (1, 2, ..., cfg.steps), while the
                                     gradients of that step are still there
 
-    Resuming (long pretraining runs): with ``checkpoint`` set, the model, optimizer, schedule, random state,
-    position in the data and history are written there every ``checkpoint_every`` steps and at the end, and a
-    run that finds the file continues from it, so an interrupted run loses at most ``checkpoint_every`` steps and
-    ends with the weights of an uninterrupted one. A file written under a different TrainConfig is refused, with
-    the differing fields named. The file is read with ``torch.load(weights_only=True)``: no pickle runs.
+    Resuming (long pretraining runs): with ``checkpoint`` set, the trainable parameters (by name), their optimizer
+    state, the schedule, random state, position in the data and history are written there every
+    ``checkpoint_every`` steps and at the end, and a run that finds the file continues from it, so an interrupted run
+    loses at most ``checkpoint_every`` steps and ends with the weights of an uninterrupted one. The frozen base is
+    not written (an adapter's file stays the adapter's size): the resuming run must build the same base itself, as
+    the command line does from the same base, preset and seed. A file written under a different TrainConfig, for
+    other data or for other trainable parameters is refused, naming the differing fields or parameters, before
+    anything is loaded. The file is read with ``torch.load(weights_only=True)``: no pickle runs.
 
     Under torchrun (a process group initialised, world size W > 1) every process runs this with the same rows and
     seed, so all draw the same global batches; each computes its W-th share of the rows, and
     DistributedDataParallel averages the gradients of the trainable parameters only (the frozen base is never
     synchronised). Each share's loss is scaled by W times its share of the batch's loss tokens, so the averaged
     gradient is the gradient of the whole batch's loss, as on one process (equal up to summation order when
-    nothing random differs: no dropout). Only rank 0 writes the checkpoint.
+    nothing random differs: no dropout). Only rank 0 writes the checkpoint; every process reads it to resume.
 
     With ``shard=True`` (torchrun only) the model is sharded instead with FSDP2 (`fully_shard` on every decoder or
     encoder layer, then on the whole model): each process keeps 1/W of every weight, frozen base included, and
     gathers a layer's weights just for its forward and backward. The model stays sharded afterwards (its state dict
-    holds DTensors; `full_tensor()` gathers one). Checkpoints are not written in that mode yet.
+    holds DTensors; `full_tensor()` gathers one). A checkpoint is the same single file: every process takes part in
+    gathering the trainable parameters and their optimizer state whole, rank 0 writes them, and on resume every
+    process reads the file and keeps its own shard.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if shard:  # before the optimizer is built: sharding replaces the parameters
-        if world == 1 or checkpoint is not None:
-            raise ValueError("shard=True needs torchrun (a process group of 2 or more) and no checkpoint (sharded "
-                             "checkpoints are not written yet); run without shard for either.")
+        if world == 1:
+            raise ValueError("shard=True needs torchrun (a process group of 2 or more); run without shard on one "
+                             "process.")
         from torch.distributed.fsdp import fully_shard
 
         for layer in _blocks(model):
@@ -273,9 +278,8 @@ def train(model, rows: list[dict], cfg: TrainConfig, pad_id: int = 0, extra_loss
             running = []
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
             history.wall_time_s = time.perf_counter() - started
-            if rank == 0:
-                _save_checkpoint(Path(checkpoint), step + 1, model, optimizer, scheduler, history, running, cfg,
-                                 len(rows))
+            _save_checkpoint(Path(checkpoint), step + 1, model, optimizer, scheduler, history, running, cfg, len(rows),
+                             rank)
             if world > 1:
                 dist.barrier()  # no process reads a checkpoint that is still being written
     history.wall_time_s = time.perf_counter() - started
@@ -318,11 +322,29 @@ def _resumable_fields(cfg: TrainConfig) -> dict:
     return d
 
 
-def _save_checkpoint(path: Path, step, model, optimizer, scheduler, history, running, cfg, n_rows) -> None:
+def _trainable_names(model) -> set[str]:
+    """The names a checkpoint holds: the trainable parameters (a tied weight under its first name only)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, step, model, optimizer, scheduler, history, running, cfg, n_rows, rank) -> None:
+    """Every process calls this: gathering sharded (FSDP2) tensors takes them all. Rank 0 alone writes the file."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    # Whole tensors on rank 0's CPU (the other processes get empty dicts); the optimizer state is keyed by parameter
+    # name, so it loads into an optimizer over a rebuilt model.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:
+        return
+    trainable = _trainable_names(model)
     state = {
         "step": step, "config": _resumable_fields(cfg), "n_rows": n_rows,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(), "running": list(running),
+        # the state dict keeps buffers (frozen too, e.g. QLoRA's codes) and a tied weight's second name: dropped
+        "model": {k: v for k, v in weights.items() if k in trainable},
+        "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "running": list(running),
         "history": {"steps": history.steps, "loss": history.loss, "lr": history.lr, "wall_time_s": history.wall_time_s},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,6 +354,9 @@ def _save_checkpoint(path: Path, step, model, optimizer, scheduler, history, run
 
 
 def _resume(path: Path, model, optimizer, scheduler, history, cfg, n_rows) -> tuple[int, list[float]]:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
     state = torch.load(path, weights_only=True)
     saved, now = state["config"], _resumable_fields(cfg)
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -342,8 +367,18 @@ def _resume(path: Path, model, optimizer, scheduler, history, cfg, n_rows) -> tu
     if state["n_rows"] != n_rows:
         raise ValueError(f"{path} was written for {state['n_rows']} training rows, now there are {n_rows}; "
                          "resume on the same data, or delete the file to start afresh")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    in_file, trainable = set(state["model"]), _trainable_names(model)
+    if in_file != trainable:
+        missing, unexpected = sorted(trainable - in_file), sorted(in_file - trainable)
+        raise ValueError(f"{path} holds other trainable parameters than this model has (missing from the file: "
+                         f"{missing}; in the file, not trainable here: {unexpected}); resume with the same model and "
+                         "adapter, or delete the file to start afresh")
+    # Every process holds the whole file and keeps its own shard of each tensor. Not strict: the names were checked
+    # above, the frozen parameters keep the values the run rebuilt, and a trainable parameter that never had a
+    # gradient has no optimizer state.
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     h = state["history"]

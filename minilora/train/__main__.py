@@ -14,14 +14,15 @@ with the estimate.
 Everything goes to --out:
 - `run_config.json`: the run's settings; a later run with other settings into the same --out is refused, naming
   the fields that differ, because its checkpoint belongs to the first run;
-- `checkpoint.pt`: written every --checkpoint-every steps and at the end; a run that finds one continues from it
-  (and ends with the weights of an uninterrupted run);
+- `checkpoint.pt`: the adapter, its optimizer state and the run's progress, written every --checkpoint-every steps
+  and at the end; a run that finds one continues from it (and ends with the weights of an uninterrupted run). The
+  base is not in it: the resumed run rebuilds that from the same --base or --preset and seed;
 - `adapter/`: the trained adapter in peft's format; `history.json`: the loss curve and the wall time.
 
 Under torchrun every process holds the whole model and takes its share of each global batch. The base is frozen,
 so DistributedDataParallel registers and synchronises only the adapter's gradients. gloo on CPU, nccl on GPU.
 With --shard, FSDP2 shards every weight (the frozen base too) over the processes instead, for models past one
-device's memory; that mode writes no checkpoint yet.
+device's memory; its checkpoint is the same one file, gathered whole (every process takes part, rank 0 writes it).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RunConfig:
     warmup_steps: int = 10
     seed: int = 0
     checkpoint_every: int = 100
-    shard: bool = False  # FSDP2 instead of DDP under torchrun: every weight sharded over the processes (no checkpoint)
+    shard: bool = False  # FSDP2 instead of DDP under torchrun: every weight sharded over the processes
     preset: str = ""  # a model shape (e.g. gpt2-124m) with random weights instead of the committed --base
     dtype: str = "float32"  # the base's dtype with --preset ("bfloat16" on a GPU); adapters stay fp32
     gradient_checkpointing: bool = False
@@ -158,8 +159,7 @@ def main(argv=None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run_config.json").write_text(json.dumps(asdict(run), indent=1) + "\n")
         history = train(model, rows, run.train_config(progress=process == 0), pad_id=tok.pad_id,
-                        checkpoint=None if run.shard else out / "checkpoint.pt", checkpoint_every=run.checkpoint_every,
-                        shard=run.shard)
+                        checkpoint=out / "checkpoint.pt", checkpoint_every=run.checkpoint_every, shard=run.shard)
         if run.shard:  # gather the sharded adapter (every process takes part) into an unsharded copy to save
             state = {k: v.full_tensor() for k, v in model.state_dict().items() if ".lora_" in k}
             model = build_model(run, torch.device("cpu"))
