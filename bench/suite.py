@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"lora_step": "LoRA against peft and the frozen floor, merged inference",
            "method_step": "DoRA's and IA3's step against LoRA's, minilora against peft",
+           "methods_table": "every method's step time and memory, estimated and measured, at the default size",
            "nf4": "NF4 against bitsandbytes, a QLoRA layer's step against peft",
            "mixture": "the token-level mixture's generation against one adapter and the re-merge loop"}
 SUMMARY = re.compile(r"^(?=\S).*\b(ratio|speedup|overhead)\b.*:\s*\S")

@@ -30,3 +30,18 @@ def test_the_summary_keeps_the_ratios_and_names_a_failure(tmp_path, monkeypatch,
     assert summary[3].startswith("bench/good.py (") and "FAILED" not in summary[3]
     assert "quick\n" in out and "variant  12.0 ms" in out  # --quick reached the script; its output was shown
     assert suite.main(["--only", "good"]) == 0
+
+
+def test_every_bench_script_is_in_the_suite_and_the_readme_and_the_methods_table_reaches_the_summary():
+    suite = load_suite()
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"suite"}
+    assert scripts == set(suite.SCRIPTS)
+    readme = (ROOT / "bench" / "README.md").read_text()
+    assert all(f"| `{name}.py` |" in readme for name in suite.SCRIPTS)
+    # bench/methods_table.py's last two lines, as it prints them
+    source = (ROOT / "bench" / "methods_table.py").read_text()
+    for line in ("step time ratio to LoRA: full 1.128, qlora 1.139, dora 1.136, ia3 0.855",
+                 "measured/estimated peak memory ratio: full 0.865, lora 1.067, qlora 1.091, dora 1.053, ia3 1.097"):
+        assert f'print("{line.split(":")[0]}: "' in source and suite.SUMMARY.match(line)
+    # its table's header and rows are not summary lines
+    assert not suite.SUMMARY.match("method   trainable   step ms  / LoRA |   weights     grads optimizer    activ.     total |      peak peak/est     saved")
