@@ -97,10 +97,10 @@ def _layers(model) -> list[nn.Module]:
     return list(model.model.layers)
 
 
-def saved_bytes(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointing: bool = False) -> int:
-    """Bytes that one training forward of `model` on `input_ids` (labels = input_ids) keeps for the backward,
-    weights and buffers excluded, each storage once. With `gradient_checkpointing`: the saved tensors outside the
-    layers, each layer's input, and the largest layer's own saved tensors (recomputed one layer at a time)."""
+def saved_by_layer(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict, dict]:
+    """What one training forward of `model` on `input_ids` (labels = input_ids) keeps for the backward, by layer:
+    ({layer index or None for outside the layers: bytes saved}, {layer index: bytes of its input}). Weights and
+    buffers are left out (they are counted as weights), and each storage is counted once, where it is first saved."""
     weights = {_key(t) for t in (*model.parameters(), *model.buffers())}
     owner, per_layer, inputs, current = {}, {}, {}, [None]
 
@@ -120,7 +120,7 @@ def saved_bytes(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointin
     handles = [layer.register_forward_pre_hook(enter(i)) for i, layer in enumerate(_layers(model))]
     handles += [layer.register_forward_hook(lambda *a: current.__setitem__(0, None)) for layer in _layers(model)]
     was_ckpt, was_training = model.gradient_checkpointing, model.training
-    model.gradient_checkpointing = False  # count every layer's tensors, then work out what checkpointing keeps
+    model.gradient_checkpointing = False  # count every layer's tensors; saved_bytes works out what checkpointing keeps
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -130,6 +130,14 @@ def saved_bytes(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointin
             h.remove()
         model.gradient_checkpointing = was_ckpt
         model.train(was_training)
+    return per_layer, inputs
+
+
+def saved_bytes(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointing: bool = False) -> int:
+    """Bytes that one training forward keeps for the backward (`saved_by_layer`). With `gradient_checkpointing`:
+    the saved tensors outside the layers, each layer's input, and the largest layer's own saved tensors (the
+    backward recomputes one layer at a time)."""
+    per_layer, inputs = saved_by_layer(model, input_ids)
     outside = per_layer.pop(None, 0)
     if not gradient_checkpointing:
         return outside + sum(per_layer.values())

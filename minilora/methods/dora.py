@@ -30,8 +30,6 @@ dropout the base product is reused, never computed twice; `FrozenLinearWithDora`
 h = (m/n) (W0 x + s B A x) + b in one autograd node (the same sum, rounded differently).
 """
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,11 +72,9 @@ def weight_norm(W, A, B, scaling, w_sq=None):
     cross = (B * WA.t()).sum(1)  # B_i . (A W_i^T)
     quad = ((B @ (A @ A.t())) * B).sum(1).clamp_min(0)  # ||B_i A||^2
     n_sq = w_sq + (2 * scaling) * cross + (scaling * scaling) * quad
-    norm = n_sq.clamp_min(0).sqrt()
-    if n_sq.is_meta:  # a memory estimate: no values, so no rows to recompute
-        return norm
     bound = (w_sq.sqrt() + scaling * quad.sqrt()).square()
     bad = (n_sq * CANCELLATION < bound).nonzero().squeeze(1)
+    norm = n_sq.clamp_min(0).sqrt()
     if bad.numel():
         norm[bad] = weight_norm_plain(W[bad], A, B[bad], scaling)
     return norm
@@ -204,8 +200,9 @@ def layer_norm(layer, name: str) -> torch.Tensor:
         W = layer.base_weight_out_in()
         w_sq = layer.dora_w_sq(W, A.dtype)
         W = W.to(A.dtype)
-    # meta tensors (memory estimates) have no autocast state to switch off
-    with contextlib.nullcontext() if W.is_meta else torch.autocast(W.device.type, enabled=False):
+    if W.is_meta:  # a memory estimate: no values and no autocast state; under no_grad nothing is saved either way
+        return weight_norm_plain(W, A, B, s)
+    with torch.autocast(W.device.type, enabled=False):
         return weight_norm(W, A, B, s, w_sq) if layer.fused else weight_norm_plain(W, A, B, s)
 
 

@@ -54,6 +54,7 @@ class RunConfig:
     warmup_steps: int = 10
     seed: int = 0
     checkpoint_every: int = 100
+    log_every: int = 10  # the loss in history.json is the mean of every log_every steps
     shard: bool = False  # FSDP2 instead of DDP under torchrun: every weight sharded over the processes
     preset: str = ""  # a model shape (e.g. gpt2-124m) with random weights instead of the committed --base
     dtype: str = "float32"  # the base's dtype with --preset ("bfloat16" on a GPU); adapters stay fp32
@@ -69,7 +70,8 @@ class RunConfig:
 
     def train_config(self, progress: bool) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           seed=self.seed, progress=progress, gradient_checkpointing=self.gradient_checkpointing)
+                           seed=self.seed, progress=progress, gradient_checkpointing=self.gradient_checkpointing,
+                           log_every=self.log_every)
 
 
 def parse(argv=None) -> tuple[RunConfig, Path]:
