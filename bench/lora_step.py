@@ -121,26 +121,37 @@ def make_train_step(model, params):
     return step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(doc: str) -> argparse.ArgumentParser:
+    """The flags every training-step benchmark takes (the model, its dtype and device, the adapter, the sizes)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--preset", default="decoder-small", help="decoder preset to build (e.g. llama-1b on a GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the base's dtype; adapters stay fp32 as in peft")
-    ap.add_argument("--plain", action="store_true", help="also time minilora with the fused node switched off")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--targets", default=",".join(ALL_LINEAR))
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def step_sizes(args) -> tuple[int, int, int]:
+    """Batch, sequence length and rounds: the flags, or the defaults (smaller with --quick)."""
+    return (args.batch or (4 if args.quick else 8), args.seq or (64 if args.quick else 128),
+            args.repeats or (5 if args.quick else 11))
+
+
+def main():
+    ap = step_arguments(__doc__)
+    ap.add_argument("--plain", action="store_true", help="also time minilora with the fused node switched off")
     ap.add_argument("--d-model", type=int, default=None, help="scale the model's width (see build_model)")
     ap.add_argument("--layers", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batch, seq = args.batch or (4 if args.quick else 8), args.seq or (64 if args.quick else 128)
-    repeats = args.repeats or (5 if args.quick else 11)
+    batch, seq, repeats = step_sizes(args)
 
     import peft
 

@@ -28,37 +28,26 @@ step either way, not a per-layer overhead.
     python bench/method_step.py --targets q_proj,v_proj --plain   # q,v only; also minilora's equation path
 """
 
-import argparse
 import statistics
 from functools import partial
 
 import torch
 
-from lora_step import ALL_LINEAR, build_model, make_train_step, matmul_flops, ratio, sharing_weights, timed_rounds
+from lora_step import (ALL_LINEAR, build_model, make_train_step, matmul_flops, ratio, sharing_weights, step_arguments,
+                       step_sizes, timed_rounds)
 from minilora.inject import adapter_layers, inject
 from minilora.methods.ia3 import IA3Config
 from minilora.methods.lora import LoraConfig
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--preset", default="decoder-small")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap = step_arguments(__doc__)
     ap.add_argument("--plain", action="store_true", help="also time minilora DoRA on its equation path (fused=False)")
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--targets", default=",".join(ALL_LINEAR))
     ap.add_argument("--ia3-targets", default="k_proj,v_proj,down_proj")
     ap.add_argument("--ia3-feedforward", default="down_proj")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batch, seq = args.batch or (4 if args.quick else 8), args.seq or (64 if args.quick else 128)
-    repeats = args.repeats or (5 if args.quick else 11)
+    batch, seq, repeats = step_sizes(args)
 
     import peft
 

@@ -22,8 +22,8 @@ the estimated activations, and the adapters' peak/estimate a few % below 1.
 Each method gets its own model, made by minilora.memory.build (the very function `estimate` counts, so the two
 are set up alike) under torch.manual_seed(0): the base is drawn first, so every model starts from the same base
 weights (checked on the embeddings) before QLoRA quantises it and the adapters go on; the adapters themselves
-are drawn after that, per method. IA3 adapts the same seven projections as the others, down_proj as its
-feed-forward module (memory.build's setup; bench/method_step.py times IA3 on peft's default targets instead).
+are drawn after that, per method. IA3 adapts peft's default k_proj, v_proj and down_proj (memory.build's
+default for it, as in bench/method_step.py and lesson 09); --targets applies to the other methods.
 
 The peaks are measured first, one method at a time (on a GPU, minus what was allocated before that method's
 model was built, so the other models do not count). The times then come from rounds as in bench/lora_step.py
@@ -38,33 +38,21 @@ Last lines: `step time ratio to LoRA: full X, qlora Y, dora Z, ia3 W` and
     python bench/methods_table.py --quick    # smaller model and batch, 5 rounds, well under a minute on 2 cores
 """
 
-import argparse
 import statistics
 from functools import partial
 
 import torch
 
-from lora_step import ALL_LINEAR, build_model, make_train_step, ratio, timed_rounds
+from lora_step import ALL_LINEAR, build_model, make_train_step, ratio, step_arguments, step_sizes, timed_rounds
 from minilora.memory import METHODS, build, estimate, human, measure_step
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--preset", default="decoder-small")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap = step_arguments(__doc__)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)} (lora is always run)")
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--targets", default=",".join(ALL_LINEAR))
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batch, seq = args.batch or (4 if args.quick else 8), args.seq or (64 if args.quick else 128)
-    repeats = args.repeats or (5 if args.quick else 11)
+    batch, seq, repeats = step_sizes(args)
     methods = [m for m in METHODS if m in args.methods.split(",") or m == "lora"]
     targets, dtype, device = args.targets.split(","), getattr(torch, args.dtype), torch.device(args.device)
     cuda = device.type == "cuda"
@@ -77,10 +65,11 @@ def main():
 
     models, budgets, measured, first = {}, {}, {}, None
     for method in methods:
-        budgets[method] = estimate(config, method, batch, seq, args.r, targets, dtype)
+        method_targets = None if method == "ia3" else targets  # IA3: memory.build's default, peft's k, v, down_proj
+        budgets[method] = estimate(config, method, batch, seq, args.r, method_targets, dtype)
         before = torch.cuda.memory_allocated(device) if cuda else 0
         torch.manual_seed(0)
-        model = build(config, method, args.r, targets, device, dtype)
+        model = build(config, method, args.r, method_targets, device, dtype)
         embed = model.model.embed_tokens.weight.detach()
         if first is None:
             first = (method, embed.clone())  # before any step trains it

@@ -33,6 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # peft's default for Llama: keys, values, the feed-forward's input
 GB = 1e9
 
 
@@ -46,6 +47,7 @@ class Budget:
     activations: int
     parameters: int  # every parameter (a QLoRA base's 4-bit weights count as their out x in values)
     trainable: int
+    largest_layer: int  # bytes of the largest transformer layer's tensors: what FSDP gathers whole at a time
 
     @property
     def total(self) -> int:
@@ -64,8 +66,9 @@ def human(n_bytes: int) -> str:
 def build(config, method: str = "lora", r: int = 8, targets: list[str] | None = None, device="meta",
           dtype: torch.dtype = torch.float32) -> nn.Module:
     """A DecoderLM of `config` (a ModelConfig or a preset name) on `device`, set up to train with `method`:
-    every weight ("full"), LoRA or DoRA of rank r with alpha 2r, QLoRA (NF4 base, fp32 LoRA), or IA3 (its
-    feed-forward module is down_proj). `targets` default to every projection the model has (seven in Llama)."""
+    every weight ("full"), LoRA or DoRA of rank r with alpha 2r, QLoRA (NF4 base, fp32 LoRA), or IA3 (down_proj is
+    its feed-forward module). `targets` default to every projection the model has (seven in Llama) for LoRA, QLoRA
+    and DoRA, and to peft's k_proj, v_proj and down_proj for IA3."""
     import minilora as ml
 
     if method not in METHODS:
@@ -74,7 +77,8 @@ def build(config, method: str = "lora", r: int = 8, targets: list[str] | None = 
     with torch.device(device):
         model = ml.DecoderLM(cfg).to(dtype)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = list(targets or [t for t in ALL_LINEAR if t in names])  # GPT-2's MLP has no gate_proj
+    default = IA3_TARGETS if method == "ia3" else ALL_LINEAR
+    targets = list(targets or [t for t in default if t in names])  # GPT-2's MLP has no gate_proj
     if method == "qlora":
         ml.quantize_model(model, compute_dtype=dtype)
     if method in ("lora", "qlora", "dora"):
@@ -155,9 +159,12 @@ def count(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointing: boo
 
     n_params = sum(p.numel() for p in params) + sum(m.out_features * m.in_features for m in model.modules()
                                                     if isinstance(m, Linear4bit))
+    layer_bytes = [sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+                   for layer in _layers(model)]
     return Budget(weights=weights, gradients=grads, optimizer=2 * grads,
                   activations=saved_bytes(model, input_ids, gradient_checkpointing),
-                  parameters=n_params, trainable=sum(p.numel() for p in trainable))
+                  parameters=n_params, trainable=sum(p.numel() for p in trainable),
+                  largest_layer=max(layer_bytes, default=0))
 
 
 def estimate(config, method: str = "lora", batch: int = 1, seq: int = 512, r: int = 8,
@@ -202,7 +209,7 @@ class Measured:
     step_s: list[float]  # each timed step
     tokens_per_s: float  # at the median step
     peak_bytes: int  # the most tensor memory alive at once during a step, weights included
-    saved_bytes: int  # `saved_bytes` of the same forward on the real tensors and kernels
+    saved_bytes: int  # `saved_bytes` of the same forward (and checkpointing) on the real tensors and kernels
 
 
 def _step(model, input_ids, optimizer) -> None:
@@ -220,7 +227,7 @@ def measure_step(model: nn.Module, input_ids: torch.Tensor, steps: int = 3,
     PyTorch's own MemTracker (torch.distributed._tools, a dispatch mode that follows every tensor's storage from
     its creation to its release), so it counts tensor bytes, not the allocator's free blocks."""
     device = input_ids.device
-    saved = saved_bytes(model, input_ids)
+    saved = saved_bytes(model, input_ids, gradient_checkpointing)
     model.gradient_checkpointing = gradient_checkpointing
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -2,8 +2,6 @@
 counting code), each plausible wrong answer fails with its own hint, and an unfinished answer says so."""
 
 import pytest
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from minilora import checks, memory
 
@@ -46,29 +44,15 @@ def largest(config, method, seq, free, off_by=0, weights=True):
         batch += 1
 
 
-def per_layer(model, ids, skip_weights=True, once=True, shift=False):
-    key = lambda t: StorageWeakRef(t.untyped_storage()).cdata  # noqa: E731
-    weights = {key(t) for t in (*model.parameters(), *model.buffers())}
-    seen, out, running = set(), {}, [None]
-
-    def pack(t):
-        if (key(t) not in weights or not skip_weights) and (key(t) not in seen or not once):
-            seen.add(key(t))
-            out[running[0]] = out.get(running[0], 0) + t.untyped_storage().nbytes()
-        return t
-
-    layers = list(model.model.layers)
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: running.__setitem__(0, i)) for i, layer in
-             enumerate(layers)]
-    if not shift:  # without the forward hook, what runs after the last layer is charged to it
-        hooks += [layer.register_forward_hook(lambda m, a, o: running.__setitem__(0, None)) for layer in layers]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.train()(input_ids=ids, labels=ids)
-    for h in hooks:
-        h.remove()
-    if shift:
-        out.setdefault(None, 0)
-    return out
+def segments(per_layer, inputs, k, every_input=False, one_layer=False):
+    """Chen et al.'s scheme by a loop over segments of k consecutive layers."""
+    n = len(inputs)
+    kept = sum(inputs[i] for i in range(n) if every_input or i % k == 0)
+    peak = 0
+    for start in range(0, n, k):
+        seg = [per_layer[i] for i in range(start, min(start + k, n))]
+        peak = max(peak, max(seg) if one_layer else sum(seg))
+    return per_layer.get(None, 0) + kept + peak
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -76,7 +60,7 @@ def test_lesson_09_right_answers_pass(seed, capsys):
     with global_random_state_unchanged():
         checks.adamw_state_bytes(adamw, seed=seed)
         checks.checkpointed_bytes(checkpointed, seed=seed)
-        checks.saved_bytes_per_layer(per_layer, seed=seed)
+        checks.segment_checkpointed_bytes(segments, seed=seed)
     assert capsys.readouterr().out.count("✓") == 3
 
 
@@ -110,14 +94,15 @@ def test_largest_batch_rejects_the_common_mistakes():
     fails_with(checks.largest_batch, lambda *a: largest(*a, weights=False), hint="that batch does not fit")
 
 
-def test_saved_bytes_per_layer_rejects_the_common_mistakes():
-    fails_with(checks.saved_bytes_per_layer, lambda m, i: per_layer(m, i, skip_weights=False),
-               hint="leave out the parameters")
-    fails_with(checks.saved_bytes_per_layer, lambda m, i: per_layer(m, i, shift=True), hint="wrong keys")
-    fails_with(checks.saved_bytes_per_layer, lambda m, i: list(per_layer(m, i).values()), hint="return a dict")
+def test_segment_checkpointed_bytes_rejects_the_common_mistakes():
+    fails_with(checks.segment_checkpointed_bytes, lambda p, i, k: segments(p, i, k, every_input=True),
+               hint="only every k-th layer keeps its input")
+    fails_with(checks.segment_checkpointed_bytes, lambda p, i, k: segments(p, i, k, one_layer=True),
+               hint="all k of its layers' tensors are alive together")
+    fails_with(checks.segment_checkpointed_bytes, lambda p, i, k: segments(p, i, 2), hint="k = 1 must give")
 
 
 def test_unfinished_answers_say_so():
     for check in (checks.adamw_state_bytes, checks.checkpointed_bytes, checks.largest_batch,
-                  checks.saved_bytes_per_layer):
+                  checks.segment_checkpointed_bytes):
         fails_with(check, placeholder, hint="not implemented yet")

@@ -6,6 +6,7 @@ interrupted and resumed from its checkpoint ends with the bits of an uninterrupt
 `python -m minilora.train`, alone and under torchrun, with its errors."""
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -209,3 +210,15 @@ def test_qlora_under_torchrun_equals_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "two" / "run_config.json").read_text())["method"] == "qlora"
+
+
+def test_the_command_line_refuses_a_preset_that_does_not_fit_before_building_it(tmp_path, monkeypatch):
+    from minilora import memory
+
+    cli = importlib.import_module("minilora.train.__main__")  # `minilora.train` names the function too
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": int(50e6))
+    monkeypatch.setattr(cli, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit, match=r"error: gpt2-124m with lora \(16 x \d+ tokens per process\) needs about "
+                                         r".* but only 50\.0 MB is free on cpu"):
+        cli.main(["--preset", "gpt2-124m", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

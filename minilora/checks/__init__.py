@@ -10,7 +10,7 @@ from .lesson03 import dora_magnitude, dora_forward, dora_norm, dora_merge, dora_
 from .lesson05 import ia3_param_count, ia3_forward, ia3_vector_shapes, ia3_merge_unmerge, ia3_mixed_batch
 from .lesson06 import alignment_param_count, generate_prefix, prefix_branch, hyperformer_param_count, task_adapter
 from .lesson07 import tle_weights, mixed_lora_output, faithful_delta_weight, position_weights
-from .lesson09 import adamw_state_bytes, checkpointed_bytes, largest_batch, saved_bytes_per_layer
+from .lesson09 import adamw_state_bytes, checkpointed_bytes, largest_batch, segment_checkpointed_bytes
 
 __all__ = ["ExerciseError", "passed",
            "lora_param_count", "lora_forward", "wrapped_modules", "merge_unmerge", "lora_linear",
@@ -19,4 +19,4 @@ __all__ = ["ExerciseError", "passed",
            "ia3_param_count", "ia3_forward", "ia3_vector_shapes", "ia3_merge_unmerge", "ia3_mixed_batch",
            "alignment_param_count", "generate_prefix", "prefix_branch", "hyperformer_param_count", "task_adapter",
            "tle_weights", "mixed_lora_output", "faithful_delta_weight", "position_weights",
-           "adamw_state_bytes", "checkpointed_bytes", "largest_batch", "saved_bytes_per_layer"]
+           "adamw_state_bytes", "checkpointed_bytes", "largest_batch", "segment_checkpointed_bytes"]

@@ -57,44 +57,6 @@ def adamw_state_bytes(student_fn, seed: int | None = None) -> None:
     passed("adamw_state_bytes matches the state torch's AdamW creates, for LoRA, IA3 and full fine-tuning.")
 
 
-# ----------------------------------------------------------------------------- 4. saved tensors by layer (stretch)
-
-LAYER_HINT = ("count what the saved-tensor hook sees while each layer runs (a forward pre-hook and a forward hook "
-              "on model.model.layers[i] tell you which layer that is); the embeddings, the final norm, the head and "
-              "the loss go under None. Skip the weights, and count each storage's bytes once, where it is first saved.")
-
-
-@checker
-def saved_bytes_per_layer(student_fn, seed: int | None = None) -> None:
-    """Exercise 4: saved_bytes_per_layer(model, ids) -> {layer index or None: bytes saved for the backward}."""
-    from minilora import memory
-
-    g = _generator(seed)
-    for method in ("lora", "full", "dora"):
-        model = _model(g, method)
-        ids = _ids(g, model)
-        want, _ = memory.saved_by_layer(model, ids)
-        got = call(student_fn, model, ids, name="saved_bytes_per_layer", hint=LAYER_HINT)
-        if not isinstance(got, dict):
-            raise ExerciseError(f"saved_bytes_per_layer should return a dict, got {type(got).__name__}. "
-                                f"Hint: {LAYER_HINT}")
-        if set(got) != set(want):
-            raise ExerciseError(f"saved_bytes_per_layer should have the keys {sorted(want, key=str)}, got "
-                                f"{sorted(got, key=str)}. Hint: {LAYER_HINT}")
-        for key in want:
-            expect_int(got[key], f"saved_bytes_per_layer's value for {key}")
-        if got != want:
-            total, got_total = sum(want.values()), sum(got.values())
-            hint = ("the totals agree, so the tensors land under the wrong keys: a tensor belongs to the layer "
-                    "that is running when it is saved, and nothing after the last layer belongs to it."
-                    if total == got_total else
-                    "more bytes than saved: leave out the parameters (and views of them), and count a storage "
-                    "once even when several nodes save it." if got_total > total else LAYER_HINT)
-            raise ExerciseError(f"saved_bytes_per_layer for a {method} model should be {want}, got {got}. "
-                                f"Hint: {hint}")
-    passed("saved_bytes_per_layer attributes every saved tensor to its layer, as memory.saved_by_layer does.")
-
-
 # ----------------------------------------------------------------------------- 3. the largest batch that fits
 
 BATCH_HINT = ("memory.estimate(config, method, batch, seq) gives the whole budget; the weights, gradients and "
@@ -126,9 +88,8 @@ def largest_batch(student_fn, seed: int | None = None) -> None:
 
 # ----------------------------------------------------------------------------- 2. gradient checkpointing
 
-CKPT_HINT = ("with checkpointing a layer keeps only its input until the backward; the backward then re-runs one "
-             "layer at a time, so one layer's saved tensors (the largest) are alive at once, on top of everything "
-             "saved outside the layers.")
+CKPT_HINT = ("picture the worst moment of the backward: what every layer still holds from the forward, what the "
+             "layer being re-run saves again, and what was saved outside the layers.")
 
 
 @checker
@@ -159,3 +120,48 @@ def checkpointed_bytes(student_fn, seed: int | None = None) -> None:
             raise ExerciseError(f"checkpointed_bytes for a {method} model should be {want:,}, got {got:,}. "
                                 f"Hint: {hint}")
     passed("checkpointed_bytes keeps the layer inputs and one recomputed layer, as memory.saved_bytes does.")
+
+
+# ----------------------------------------------------------------------------- 4. Chen et al.'s segments (stretch)
+
+SEGMENT_HINT = ("with segments of k layers only the first layer of each segment keeps its input, and the backward "
+                "re-runs a whole segment before it can go back through it.")
+
+
+def _segments(per_layer, inputs, k):
+    """outside + the inputs of layers 0, k, 2k, ... + the largest segment's saved tensors (k consecutive layers)."""
+    layers = sorted(i for i in per_layer if i is not None)
+    kept = sum(inputs[i] for i in layers if i % k == 0)
+    segment = max(sum(per_layer[i] for i in layers[j:j + k]) for j in range(0, len(layers), k))
+    return per_layer.get(None, 0) + kept + segment
+
+
+@checker
+def segment_checkpointed_bytes(student_fn, seed: int | None = None) -> None:
+    """Exercise 4: segment_checkpointed_bytes(per_layer, inputs, k) -> activation bytes when an input is kept every
+    k layers and the backward recomputes k layers at a time (Chen et al. 2016, section 4)."""
+    from minilora import get_config, memory
+
+    g = _generator(seed)
+    cfg = get_config("decoder-tiny", n_layers=_randint(g, 6, 9), vocab_size=64, d_model=32, n_heads=4,
+                     n_kv_heads=2, d_ff=48, max_seq_len=32)
+    model = memory.build(cfg, "lora", device="meta")
+    ids = torch.zeros(_randint(g, 1, 3), _randint(g, 8, 24), dtype=torch.long, device="meta")
+    per_layer, inputs = memory.saved_by_layer(model, ids)
+    # k = 1 is what the package estimates for per-layer checkpointing: the reference the formula must meet
+    assert _segments(per_layer, inputs, 1) == memory.saved_bytes(model, ids, gradient_checkpointing=True)
+    for k in (1, 2, 3, cfg.n_layers):
+        want = _segments(per_layer, inputs, k)
+        got = call(student_fn, dict(per_layer), dict(inputs), k, name="segment_checkpointed_bytes", hint=SEGMENT_HINT)
+        expect_int(got, "segment_checkpointed_bytes")
+        if got != want:
+            layers = [v for key, v in per_layer.items() if key is not None]
+            hint = ("k = 1 must give per-layer checkpointing, exercise 2's answer." if k == 1 else
+                    "only every k-th layer keeps its input." if got == _segments(per_layer, inputs, 1) - max(layers)
+                    + max(sum(layers[j:j + k]) for j in range(0, len(layers), k)) else
+                    "the backward re-runs a whole segment, so all k of its layers' tensors are alive together." if
+                    got == want - max(sum(layers[j:j + k]) for j in range(0, len(layers), k)) + max(layers) else
+                    SEGMENT_HINT)
+            raise ExerciseError(f"segment_checkpointed_bytes with {cfg.n_layers} layers and k = {k} should be "
+                                f"{want:,}, got {got:,}. Hint: {hint}")
+    passed("segment_checkpointed_bytes trades kept inputs for recomputed segments as Chen et al. describe.")

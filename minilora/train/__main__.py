@@ -114,9 +114,9 @@ def check_fits(run: RunConfig, seq: int, device: torch.device, world: int) -> No
     batch = max(1, run.batch_size // world)
     budget = memory.estimate(run.preset or run.base, run.method, batch, seq, run.rank,
                              run.targets.split(","), getattr(torch, run.dtype), run.gradient_checkpointing)
-    if run.shard:
-        budget = dataclasses.replace(budget, weights=budget.weights // world, gradients=budget.gradients // world,
-                                     optimizer=budget.optimizer // world)
+    if run.shard:  # each process keeps 1/W of every tensor, and gathers one layer's weights whole at a time
+        budget = dataclasses.replace(budget, weights=budget.weights // world + budget.largest_layer,
+                                     gradients=budget.gradients // world, optimizer=budget.optimizer // world)
     memory.require_fits(budget, device, f"{run.preset or run.base} with {run.method} ({batch} x {seq} tokens per process)")
 
 
