@@ -37,10 +37,10 @@ from functools import partial
 import torch
 
 from minilora.inject import inject, adapter_layers, merge, merge_and_unload
+from minilora.memory import ALL_LINEAR
 from minilora.methods.lora import LoraConfig
 from minilora.models import DecoderLM, get_config
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(preset: str, quick: bool, d_model: int | None = None, n_layers: int | None = None,

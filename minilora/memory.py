@@ -1,6 +1,6 @@
 """Training memory: what one step of a method holds, estimated from our own modules and measured.
 
-A training step holds four kinds of tensors (the accounting of Rajbhandari et al. 2020, "ZeRO", section 3.1):
+A training step holds four kinds of tensors (the accounting of Rajbhandari et al. 2020, "ZeRO", sections 3.1-3.2):
 
     weights      every parameter and buffer, the frozen base included (packed 4-bit bytes for a QLoRA base)
     gradients    one per trainable parameter, in its dtype
@@ -10,15 +10,16 @@ A training step holds four kinds of tensors (the accounting of Rajbhandari et al
 `estimate` builds the model on the meta device, which gives every tensor its shape and dtype but no storage, so
 llama-7b costs nothing to build. It adds up the parameters, buffers and trainable parameters, and runs one
 training forward under `torch.autograd.graph.saved_tensors_hooks`: every tensor an autograd node saves passes
-through the hook, and each storage that is not a weight is counted once. Gradient checkpointing (Chen et al.
-2016) keeps only each layer's input and recomputes one layer at a time in the backward, so its activations are
-everything saved outside the layers, plus the layers' inputs, plus the largest layer's own saved tensors.
+through the hook, and each storage that is not a weight is counted once. Gradient checkpointing as our models run
+it (every layer, like transformers'; Chen et al. 2016 checkpoint every sqrt(n) layers) keeps only each layer's input
+and recomputes one layer at a time in the backward, so its activations are everything saved outside the layers,
+plus the layers' inputs, plus the largest layer's own saved tensors.
 
 What the estimate leaves out is transient: the backward's temporaries (the logits' gradient, B T V floats, is the
 largest), the allocator's rounding and fragmentation, and the kernels' workspaces. On meta every kernel is the
 reference one, so what a fused CPU or GPU kernel saves (scaled-dot-product attention's backends differ) can differ
-a little from the count on meta. `measure_step` runs real steps and measures their peak: torch.cuda.max_memory_allocated on a GPU, PyTorch's
-own MemTracker elsewhere.
+a little from the count on meta. `measure_step` runs real steps and measures their peak:
+torch.cuda.max_memory_allocated on a GPU, PyTorch's own MemTracker elsewhere.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def build(config, method: str = "lora", r: int = 8, targets: list[str] | None = 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     cfg = ml.get_config(config) if isinstance(config, str) else config
+    if cfg.is_seq2seq:
+        raise ValueError("minilora.memory covers decoder models (DecoderLM); pass a decoder preset or config.")
     with torch.device(device):
         model = ml.DecoderLM(cfg).to(dtype)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -98,6 +98,8 @@ def test_a_step_that_does_not_fit_is_refused_with_the_estimate():
     assert memory.available_bytes("cpu") > 0
 
 
-def test_unknown_methods_are_refused():
+def test_unknown_methods_and_encoder_decoders_are_refused():
     with pytest.raises(ValueError, match="method must be one of"):
         memory.build(TINY, "prefix")
+    with pytest.raises(ValueError, match="covers decoder models"):
+        memory.build("seq2seq-tiny", "lora")
