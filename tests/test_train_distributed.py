@@ -222,3 +222,21 @@ def test_the_command_line_refuses_a_preset_that_does_not_fit_before_building_it(
                                          r".* but only 50\.0 MB is free on cpu"):
         cli.main(["--preset", "gpt2-124m", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_trains_a_preset_shape_with_random_weights(tmp_path):
+    """--preset: the shape of a preset with freshly drawn weights, in --dtype, instead of a committed base."""
+    cli = importlib.import_module("minilora.train.__main__")
+    cli.main(["--preset", "decoder-tiny", "--dtype", "bfloat16", "--steps", "2", "--warmup-steps", "0",
+              "--batch-size", "2", "--out", str(tmp_path / "run")])
+    run = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (run["preset"], run["dtype"]) == ("decoder-tiny", "bfloat16")
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.dtype == torch.float32 for v in adapter.values())  # fp32 adapters on a bf16 base
+    committed = cli.build_model(cli.RunConfig(), torch.device("cpu"))
+    random = cli.build_model(cli.RunConfig(preset="decoder-tiny"), torch.device("cpu"))
+    assert not torch.equal(committed.model.embed_tokens.weight, random.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="--dtype applies to a --preset model"):
+        cli.RunConfig(dtype="bfloat16")
