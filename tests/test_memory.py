@@ -2,6 +2,10 @@
 published sizes, and against real steps measured by PyTorch's own MemTracker; the refusal of a step that does not
 fit (the command line's refusal is in test_train_distributed.py: it needs the committed data)."""
 
+import dataclasses
+import json
+import os
+
 import pytest
 import torch
 
@@ -103,3 +107,67 @@ def test_unknown_methods_and_encoder_decoders_are_refused():
         memory.build(TINY, "prefix")
     with pytest.raises(ValueError, match="covers decoder models"):
         memory.build("seq2seq-tiny", "lora")
+
+
+def test_build_sets_up_each_method_as_documented():
+    from minilora.inject import adapter_layers
+    from minilora.methods.qlora import Linear4bit
+
+    lora = adapter_layers(memory.build(TINY, "lora", r=4))
+    assert len(lora) == TINY.n_layers * 7 and all(layer.scaling == {"default": 2.0} for layer in lora.values())
+    dora = adapter_layers(memory.build(TINY, "dora", r=4))
+    assert all(set(layer.lora_magnitude_vector) == {"default"} for layer in dora.values())
+    ia3 = adapter_layers(memory.build(TINY, "ia3"))
+    assert sorted({n.rsplit(".", 1)[1] for n in ia3}) == ["down_proj", "k_proj", "v_proj"]
+    assert all(layer.is_feedforward == n.endswith("down_proj") for n, layer in ia3.items())
+    full = memory.build(TINY, "full")
+    assert all(p.requires_grad for p in full.parameters()) and not adapter_layers(full)
+    qlora = memory.build(TINY, "qlora", device="cpu", dtype=torch.bfloat16)
+    assert sum(isinstance(m, Linear4bit) for m in qlora.modules()) == TINY.n_layers * 7
+    assert next(qlora.parameters()).device.type == "cpu"
+    assert {p.dtype for p in qlora.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_saved_bytes_defaults_to_no_checkpointing_and_counts_every_layer():
+    model = memory.build(TINY, "lora").eval()
+    model.gradient_checkpointing = True  # counted as if off, then put back
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    per_layer, inputs = memory.saved_by_layer(model, ids)
+    assert sorted(per_layer, key=str) == [0, 1, None] and sorted(inputs) == [0, 1]
+    assert all(v == 2 * 16 * TINY.d_model * 4 for v in inputs.values())  # each layer's (B, T, d) fp32 input
+    assert memory.saved_bytes(model, ids) == sum(per_layer.values())
+    assert memory.saved_bytes(model, ids, True) < memory.saved_bytes(model, ids)
+    assert model.gradient_checkpointing and not model.training  # both put back as they were
+
+
+def test_sizes_print_in_gigabytes_from_one_gigabyte_and_megabytes_below():
+    assert (memory.human(999_949_999), memory.human(10**9), memory.human(2_345_000)) == ("999.9 MB", "1.00 GB", "2.3 MB")
+    b = memory.Budget(weights=2 * 10**9, gradients=10**6, optimizer=2 * 10**6, activations=5 * 10**8,
+                      parameters=0, trainable=0, largest_layer=0)
+    assert b.total == 2_503_000_000
+    assert str(b) == "2.50 GB (weights 2.00 GB, gradients 1.0 MB, optimizer 2.0 MB, activations 500.0 MB)"
+
+
+def test_available_memory_is_what_linux_reports_as_available():
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # MemFree: never more than MemAvailable
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0.5 * free <= memory.available_bytes("cpu") <= total
+
+
+def test_measure_step_times_the_steps_it_is_asked_for():
+    torch.manual_seed(0)
+    model = memory.build(TINY, "lora", device="cpu")
+    ids = torch.randint(0, TINY.vocab_size, (2, 16))
+    m = memory.measure_step(model, ids, steps=3)
+    assert len(m.step_s) == 3 and all(t > 0 for t in m.step_s)
+    assert m.tokens_per_s == pytest.approx(32 / sorted(m.step_s)[1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert m.peak_bytes > weights + m.saved_bytes * 0.9  # the weights are alive throughout, the activations at the peak
+
+
+def test_the_module_command_prints_the_estimate_and_the_measurement(capsys):
+    memory.main(["--preset", "decoder-tiny", "--method", "lora", "--batch", "1", "--seq", "16", "--steps", "2",
+                 "--device", "cpu"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["estimate"] == dataclasses.asdict(memory.estimate("decoder-tiny", "lora", 1, 16))
+    assert len(out["measured"]["step_s"]) == 2 and out["measured"]["peak_bytes"] > out["estimate"]["weights"]
