@@ -187,3 +187,44 @@ def test_the_defaults_are_the_documented_ones():
     assert memory.available_bytes() == pytest.approx(memory.available_bytes("cpu"), rel=0.05)
     with pytest.raises(MemoryError, match="this model needs about .* on cpu"):
         memory.require_fits(memory.estimate(TINY, seq=16), available=1)
+
+
+def test_the_flags_are_typed_and_checked():
+    ap = memory.arguments()
+    assert ap.prog == "python -m minilora.memory" and ap.description == memory.main.__doc__
+    args = ap.parse_args(["--r", "2", "--threads", "1", "--dtype", "bfloat16", "--method", "ia3"])
+    assert (args.r, args.threads, args.dtype, args.method) == (2, 1, "bfloat16", "ia3")
+    assert ap.parse_args(["--dtype", "float16"]).dtype == "float16"
+    for bad in (["--dtype", "float64"], ["--method", "prefix"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(bad)
+
+
+def test_the_module_command_passes_every_flag_on(capsys):
+    threads = torch.get_num_threads()
+    try:
+        memory.main(["--preset", "decoder-tiny", "--method", "dora", "--r", "2", "--dtype", "bfloat16", "--batch", "1",
+                     "--seq", "8", "--steps", "1", "--gradient-checkpointing", "--threads", "1", "--device", "cpu"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out)
+    want = memory.estimate("decoder-tiny", "dora", 1, 8, 2, dtype=torch.bfloat16, gradient_checkpointing=True)
+    assert out["estimate"] == dataclasses.asdict(want)
+    model = memory.build("decoder-tiny", "dora", 2, device="meta", dtype=torch.bfloat16)
+    ids = torch.zeros(1, 8, dtype=torch.long, device="meta")
+    on_meta = memory.saved_bytes(model, ids, gradient_checkpointing=True)
+    assert abs(out["measured"]["saved_bytes"] / on_meta - 1) < 0.2  # bf16 tensors, checkpointed: as estimated
+
+
+def test_available_memory_reads_memavailable_and_falls_back_to_free_pages(monkeypatch):
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert memory.available_bytes("cpu") == pytest.approx(kib * 1024, rel=0.005)
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(memory, "open", no_proc, raising=False)  # found before the builtin by the module's code
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory.available_bytes("cpu") == pytest.approx(free, rel=0.01)
