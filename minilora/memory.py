@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from minilora.methods.qlora import Linear4bit
+
 METHODS = ("full", "lora", "qlora", "dora", "ia3")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # peft's default for Llama: keys, values, the feed-forward's input
@@ -96,6 +98,11 @@ def _key(t: torch.Tensor) -> int:
     return StorageWeakRef(t.untyped_storage()).cdata
 
 
+def _bytes(tensors) -> int:
+    """What the tensors' elements take (a tensor's own bytes, not the storage it may be a view of)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
@@ -155,15 +162,11 @@ def count(model: nn.Module, input_ids: torch.Tensor, gradient_checkpointing: boo
     """The budget of one AdamW training step of `model` (any device, meta included) on `input_ids`."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size()
-                                                                      for b in model.buffers())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    from minilora.methods.qlora import Linear4bit
-
+    weights = _bytes(params) + _bytes(model.buffers())
+    grads = _bytes(trainable)
     n_params = sum(p.numel() for p in params) + sum(m.out_features * m.in_features for m in model.modules()
                                                     if isinstance(m, Linear4bit))
-    layer_bytes = [sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
-                   for layer in _layers(model)]
+    layer_bytes = [_bytes(layer.parameters()) + _bytes(layer.buffers()) for layer in _layers(model)]
     return Budget(weights=weights, gradients=grads, optimizer=2 * grads,
                   activations=saved_bytes(model, input_ids, gradient_checkpointing),
                   parameters=n_params, trainable=sum(p.numel() for p in trainable),
